@@ -1,0 +1,115 @@
+// CUDA kernel: a group of kThreadsPerRow threads copies one (token, head) row; each thread loads
+// all of its packs of a pass before it stores any, so its loads are in flight together.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "dispatch_utils.h"
+#include "ops.h"
+
+namespace {
+
+// N elements moved by one access; aligned to its size, so 8 two-byte elements are one 16-byte
+// load or store (LDG.E.128 / STG.E.128).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Row geometry with strides in elements. When N > 1 the last-dim strides are 1 (host-checked).
+struct RowGeometry {
+  int64_t rows, heads;
+  int64_t nope_s0, nope_s1, nope_s2;
+  int64_t pe_s0, pe_s1, pe_s2;  // pe_s1 == 0 for a 1-head q_pe
+  int64_t out_s0, out_s1, out_s2;
+  int64_t nope_packs, pe_packs;  // a row may pass 2^31 elements
+};
+
+template <typename scalar_t, int N, int kThreadsPerRow, int kPacksPerThread>
+__global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
+                                    scalar_t* __restrict__ out, const RowGeometry g) {
+  using P = Pack<scalar_t, N>;
+  const int rows_per_block = blockDim.x / kThreadsPerRow;
+  const int lane = threadIdx.x % kThreadsPerRow;
+  const int64_t packs = g.nope_packs + g.pe_packs;
+  for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / kThreadsPerRow; row < g.rows;
+       row += int64_t(gridDim.x) * rows_per_block) {
+    const int64_t t = row / g.heads, h = row - t * g.heads;
+    const scalar_t* nope_row = nope + t * g.nope_s0 + h * g.nope_s1;
+    const scalar_t* pe_row = pe + t * g.pe_s0 + h * g.pe_s1;
+    scalar_t* out_row = out + t * g.out_s0 + h * g.out_s1;
+    for (int64_t first = lane; first < packs; first += kThreadsPerRow * kPacksPerThread) {
+      P buf[kPacksPerThread];
+#pragma unroll
+      for (int i = 0; i < kPacksPerThread; ++i) {
+        const int64_t p = first + i * kThreadsPerRow;
+        if (p < g.nope_packs) {
+          buf[i] = *reinterpret_cast<const P*>(nope_row + p * N * g.nope_s2);
+        } else if (p < packs) {
+          buf[i] = *reinterpret_cast<const P*>(pe_row + (p - g.nope_packs) * N * g.pe_s2);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kPacksPerThread; ++i) {
+        const int64_t p = first + i * kThreadsPerRow;
+        if (p < packs) *reinterpret_cast<P*>(out_row + p * N * g.out_s2) = buf[i];
+      }
+    }
+  }
+}
+
+// Whether every row of t splits into aligned packs of n elements: the width divides, the last dim
+// is unit-stride, and the base and the strides of the dims that vary keep each row aligned.
+bool rows_split_into_packs(const at::Tensor& t, int64_t n) {
+  const auto bytes = static_cast<uintptr_t>(n * t.element_size());
+  if (t.size(2) % n != 0 || (t.size(2) > 1 && t.stride(2) != 1)) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes != 0) return false;
+  for (int64_t d = 0; d < 2; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t, int N>
+void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out, cudaStream_t stream) {
+  constexpr int kThreadsPerRow = 32, kPacksPerThread = 4, kThreads = 256;
+  const RowGeometry g{
+      q_out.size(0) * q_out.size(1), q_out.size(1),
+      ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
+      q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
+      q_out.stride(0), q_out.stride(1), q_out.stride(2),
+      ql_nope.size(2) / N, q_pe.size(2) / N};
+  constexpr int rows_per_block = kThreads / kThreadsPerRow;
+  const int64_t blocks = std::min<int64_t>((g.rows + rows_per_block - 1) / rows_per_block, INT_MAX);
+  concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread><<<blocks, kThreads, 0, stream>>>(
+      ql_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(), q_out.mutable_data_ptr<scalar_t>(), g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void concat_mla_q_cuda(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out) {
+  check_concat_mla_q_args(ql_nope, q_pe, q_out);
+  if (q_out.numel() == 0) return;
+  const at::cuda::OptionalCUDAGuard device_guard(ql_nope.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
+    const auto packable = [&](int64_t n) {
+      return rows_split_into_packs(ql_nope, n) && rows_split_into_packs(q_pe, n) &&
+             rows_split_into_packs(q_out, n);
+    };
+    if (packable(8)) {
+      launch<scalar_t, 8>(ql_nope, q_pe, q_out, stream);
+    } else if (packable(4)) {
+      launch<scalar_t, 4>(ql_nope, q_pe, q_out, stream);
+    } else if (packable(2)) {
+      launch<scalar_t, 2>(ql_nope, q_pe, q_out, stream);
+    } else {
+      launch<scalar_t, 1>(ql_nope, q_pe, q_out, stream);
+    }
+  });
+}

@@ -1,0 +1,15 @@
+// Exact memory-overlap decisions for strided views. ATen's helpers answer first; where they answer
+// "too hard" (views that are not dense), these decide exactly instead of guessing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace vllm_mla_ops {
+
+// True when two distinct indices of `t` address a common byte.
+bool has_internal_overlap(const at::Tensor& t);
+
+// True when some byte is addressed by both `a` and `b` (either may be empty).
+bool overlaps(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace vllm_mla_ops

@@ -1,0 +1,86 @@
+"""Build vllm_mla_ops: setuptools hands the extension to CMake (CMakeLists.txt), vLLM style.
+
+Environment:
+  VLLM_MLA_OPS_TARGET    cpu | cuda (default: cuda when torch has CUDA and nvcc is found, else cpu).
+                         An explicit cuda that cannot be built fails; it never falls back to cpu.
+  TORCH_CUDA_ARCH_LIST   CUDA archs, torch's syntax ("9.0", "8.0;9.0+PTX"); default "9.0".
+  MAX_JOBS               parallel compile jobs (default: CPU count).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(cuda_home) / "bin" / "nvcc"] if cuda_home else []
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    for path in candidates:
+        if path.is_file():
+            return str(path)
+    return shutil.which("nvcc")
+
+
+def build_target(torch) -> str:
+    target = os.environ.get("VLLM_MLA_OPS_TARGET", "").strip().lower()
+    if target not in ("", "cpu", "cuda"):
+        raise RuntimeError(f"VLLM_MLA_OPS_TARGET must be 'cpu' or 'cuda', got {target!r}")
+    if target == "cuda" and torch.version.cuda is None:
+        raise RuntimeError(f"VLLM_MLA_OPS_TARGET=cuda, but the installed torch {torch.__version__} has no CUDA")
+    if target == "cuda" and find_nvcc() is None:
+        raise RuntimeError("VLLM_MLA_OPS_TARGET=cuda, but no nvcc was found (set CUDA_HOME)")
+    if target:
+        return target
+    return "cuda" if torch.version.cuda is not None and find_nvcc() is not None else "cpu"
+
+
+def nvidia_wheel_dir() -> str:
+    """site-packages/nvidia/cuXX of torch's CUDA wheels (nvrtc, cuBLAS headers), if installed."""
+    try:
+        import nvidia
+    except ImportError:
+        return ""
+    for base in map(Path, nvidia.__path__):
+        for candidate in sorted(base.glob("cu[0-9]*"), reverse=True):
+            if (candidate / "include").is_dir():
+                return str(candidate)
+    return ""
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+
+        target = build_target(torch)
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / f"cmake-{target}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        args = [
+            f"-DVLLM_MLA_OPS_TARGET={target}",
+            f"-DVLLM_MLA_OPS_OUTPUT={output}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if target == "cuda":
+            args += [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}", f"-DVLLM_MLA_OPS_NVIDIA_WHEEL_DIR={nvidia_wheel_dir()}"]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        print(f"vllm_mla_ops: building target={target} for torch {torch.__version__}"
+              + (f", TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}" if target == "cuda" else ""))
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True, env=env)
+
+
+setup(ext_modules=[Extension("vllm_mla_ops._C", sources=[])], cmdclass={"build_ext": CMakeBuild})

@@ -1,0 +1,78 @@
+"""Loads the compiled extension vllm_mla_ops._C, whose static initializers register the ops.
+
+Registering an op that already exists terminates the process from inside a static initializer, so a
+second copy of this library (another install, a copied build) must never be loaded next to a first
+one. The checks here run before the load and turn that case into an ImportError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import os
+
+import torch
+
+OP_NAME = "_C::concat_mla_q"
+REBUILD_HINT = "rebuild it against the installed torch with `pip install --no-build-isolation -e .` in the source tree"
+
+
+def _is_loaded(path: str) -> bool:
+    """Whether the shared library at `path` is already mapped into this process (loads nothing)."""
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return False
+    return True
+
+
+def _op_registered() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(OP_NAME, "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _registered_by() -> str:
+    """Names the library that registered OP_NAME: a mapped copy of our extension if there is one."""
+    mapped = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[-1].strip()
+            if path.startswith("/") and ".so" in os.path.basename(path):
+                mapped.add(path)
+    copies = []
+    for path in sorted(mapped):
+        try:
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:
+            continue
+        if hasattr(library, "vllm_mla_ops_library_marker"):
+            copies.append(path)
+    if copies:
+        return "the copy of vllm_mla_ops loaded from " + ", ".join(copies)
+    return "another library (" + torch._C._dispatch_dump(OP_NAME).strip().replace("\n", "; ") + ")"
+
+
+def load_extension(package: str, package_dir: str) -> None:
+    name = f"{package}._C"
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"vllm_mla_ops: the compiled extension {name} is missing from {package_dir}; {REBUILD_HINT}"
+        )
+    path = os.path.realpath(spec.origin)
+    if _op_registered() and not _is_loaded(path):
+        raise ImportError(
+            f"vllm_mla_ops: {OP_NAME} is already registered by {_registered_by()}; loading a second copy "
+            f"({path}) would register it again, which aborts the process. Import one copy per process."
+        )
+    try:
+        importlib.import_module(name)
+    except (ImportError, OSError) as error:
+        raise ImportError(
+            f"vllm_mla_ops: cannot load the compiled extension {path} with torch {torch.__version__}: "
+            f"{error}. It was probably built against another torch; {REBUILD_HINT}"
+        ) from error
