@@ -29,6 +29,12 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def tool(name: str) -> str:
+    """The build tool installed next to this Python (a venv's pip cmake/ninja), else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else (shutil.which(name) or name)
+
+
 def build_target(torch) -> str:
     target = os.environ.get("VLLM_MLA_OPS_TARGET", "").strip().lower()
     if target not in ("", "cpu", "cuda"):
@@ -40,6 +46,21 @@ def build_target(torch) -> str:
     if target:
         return target
     return "cuda" if torch.version.cuda is not None and find_nvcc() is not None else "cpu"
+
+
+def cuda_architectures(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0a+PTX") to CMAKE_CUDA_ARCHITECTURES ("80-real;90a-real;90a-virtual")."""
+    archs = []
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        name = item.removesuffix("+PTX").replace(".", "")
+        if not name[:2].isdigit():
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST entries look like 9.0, 9.0a or 9.0+PTX; got {item!r}")
+        archs.append(f"{name}-real")
+        if item.endswith("+PTX"):
+            archs.append(f"{name}-virtual")
+    return ";".join(archs)
 
 
 def nvidia_wheel_dir() -> str:
@@ -63,24 +84,29 @@ class CMakeBuild(build_ext):
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / f"cmake-{target}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0"
         args = [
             f"-DVLLM_MLA_OPS_TARGET={target}",
             f"-DVLLM_MLA_OPS_OUTPUT={output}",
+            f"-DVLLM_MLA_OPS_TORCH_DIR={Path(torch.__file__).parent}",
+            f"-DVLLM_MLA_OPS_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         if target == "cuda":
-            args += [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}", f"-DVLLM_MLA_OPS_NVIDIA_WHEEL_DIR={nvidia_wheel_dir()}"]
-        if shutil.which("ninja"):
-            args.append("-GNinja")
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+                f"-DVLLM_MLA_OPS_CUDA_ARCHS={cuda_architectures(arch_list)}",
+                f"-DVLLM_MLA_OPS_NVIDIA_WHEEL_DIR={nvidia_wheel_dir()}",
+            ]
+        ninja = tool("ninja")
+        if Path(ninja).is_file():
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         print(f"vllm_mla_ops: building target={target} for torch {torch.__version__}"
-              + (f", TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}" if target == "cuda" else ""))
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+              + (f", TORCH_CUDA_ARCH_LIST={arch_list}" if target == "cuda" else ""))
+        subprocess.run([tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True, env=env)
+        subprocess.run([tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
 
 
 setup(ext_modules=[Extension("vllm_mla_ops._C", sources=[])], cmdclass={"build_ext": CMakeBuild})

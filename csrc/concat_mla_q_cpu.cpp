@@ -1,6 +1,7 @@
 // CPU kernel: one task per block of (token, head) rows; each row is two copies, by memcpy where
 // the last dims are unit-stride and element by element otherwise.
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cstring>
 
@@ -15,7 +16,10 @@ constexpr int64_t kGrainElements = 32768;
 template <typename scalar_t>
 void copy_row(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) {
   if (dst_stride == 1 && src_stride == 1) {
-    std::memcpy(dst, src, n * sizeof(scalar_t));
+    using Vec = at::vec::Vectorized<scalar_t>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).store(dst + i);
+    if (i < n) std::memcpy(dst + i, src + i, (n - i) * sizeof(scalar_t));
     return;
   }
   for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = src[i * src_stride];
@@ -34,12 +38,22 @@ void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& 
   const scalar_t* pe = q_pe.const_data_ptr<scalar_t>();
   scalar_t* out = q_out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (nope_dim + rope_dim));
+  // Rows go in ql_nope's memory order (it is most of the bytes read): token-major, or head-major for
+  // the decode layout, where ql_nope is a transposed [heads, tokens, nope] bmm output.
+  const bool heads_outer = heads > 1 && tokens > 1 && nope_s1 > nope_s0;
+  const int64_t inner = heads_outer ? tokens : heads;
   at::parallel_for(0, tokens * heads, grain, [&](int64_t begin, int64_t end) {
+    // One division per task; its rows then advance along the inner dim.
+    int64_t o = begin / inner, i = begin % inner;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row / heads, h = row % heads;
+      const int64_t t = heads_outer ? i : o, h = heads_outer ? o : i;
       scalar_t* out_row = out + t * out_s0 + h * out_s1;
       copy_row(out_row, out_s2, nope + t * nope_s0 + h * nope_s1, nope_s2, nope_dim);
       copy_row(out_row + nope_dim * out_s2, out_s2, pe + t * pe_s0 + h * pe_head_stride, pe_s2, rope_dim);
+      if (++i == inner) {
+        i = 0;
+        ++o;
+      }
     }
   });
 }

@@ -13,12 +13,17 @@
 
 namespace {
 
-// N elements moved by one access; aligned to its size, so 8 two-byte elements are one 16-byte
-// load or store (LDG.E.128 / STG.E.128).
+// N elements moved by one access, as a native vector type of their size, loaded with __ldg and
+// stored with __stwb, so 8 two-byte elements are exactly one 16-byte load and one 16-byte store
+// (LDG.E.128 / STG.E.128). A plain struct copy is not: nvcc split some of them into 2- or 4-byte
+// stores.
+template <int kBytes> struct PackOf;
+template <> struct PackOf<16> { using type = uint4; };
+template <> struct PackOf<8> { using type = uint2; };
+template <> struct PackOf<4> { using type = uint32_t; };
+template <> struct PackOf<2> { using type = uint16_t; };
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using Pack = typename PackOf<sizeof(T) * N>::type;
 
 // Row geometry with strides in elements. When N > 1 the last-dim strides are 1 (host-checked).
 struct RowGeometry {
@@ -29,16 +34,26 @@ struct RowGeometry {
   int64_t nope_packs, pe_packs;  // a row may pass 2^31 elements
 };
 
+// Rows are numbered token-major. 32-bit division is several times cheaper than 64-bit on the GPU;
+// it is exact whenever the row count (hence every row index and the head count) fits in 32 bits.
+__device__ __forceinline__ int64_t token_of(int64_t row, const RowGeometry& g) {
+  return g.rows <= UINT32_MAX ? int64_t(uint32_t(row) / uint32_t(g.heads)) : row / g.heads;
+}
+
 template <typename scalar_t, int N, int kThreadsPerRow, int kPacksPerThread>
 __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
                                     scalar_t* __restrict__ out, const RowGeometry g) {
   using P = Pack<scalar_t, N>;
+  // With N > 1 the last dims are unit-stride, so pack p of a row starts at element p * N.
+  const int64_t nope_step = N > 1 ? N : g.nope_s2;
+  const int64_t pe_step = N > 1 ? N : g.pe_s2;
+  const int64_t out_step = N > 1 ? N : g.out_s2;
   const int rows_per_block = blockDim.x / kThreadsPerRow;
   const int lane = threadIdx.x % kThreadsPerRow;
   const int64_t packs = g.nope_packs + g.pe_packs;
   for (int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / kThreadsPerRow; row < g.rows;
        row += int64_t(gridDim.x) * rows_per_block) {
-    const int64_t t = row / g.heads, h = row - t * g.heads;
+    const int64_t t = token_of(row, g), h = row - t * g.heads;
     const scalar_t* nope_row = nope + t * g.nope_s0 + h * g.nope_s1;
     const scalar_t* pe_row = pe + t * g.pe_s0 + h * g.pe_s1;
     scalar_t* out_row = out + t * g.out_s0 + h * g.out_s1;
@@ -47,16 +62,14 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
 #pragma unroll
       for (int i = 0; i < kPacksPerThread; ++i) {
         const int64_t p = first + i * kThreadsPerRow;
-        if (p < g.nope_packs) {
-          buf[i] = *reinterpret_cast<const P*>(nope_row + p * N * g.nope_s2);
-        } else if (p < packs) {
-          buf[i] = *reinterpret_cast<const P*>(pe_row + (p - g.nope_packs) * N * g.pe_s2);
-        }
+        // One load per pack from a selected address: no divergent branch between the two inputs.
+        const scalar_t* src = p < g.nope_packs ? nope_row + p * nope_step : pe_row + (p - g.nope_packs) * pe_step;
+        if (p < packs) buf[i] = __ldg(reinterpret_cast<const P*>(src));
       }
 #pragma unroll
       for (int i = 0; i < kPacksPerThread; ++i) {
         const int64_t p = first + i * kThreadsPerRow;
-        if (p < packs) *reinterpret_cast<P*>(out_row + p * N * g.out_s2) = buf[i];
+        if (p < packs) __stwb(reinterpret_cast<P*>(out_row + p * out_step), buf[i]);
       }
     }
   }
@@ -76,17 +89,22 @@ bool rows_split_into_packs(const at::Tensor& t, int64_t n) {
 
 template <typename scalar_t, int N>
 void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out, cudaStream_t stream) {
-  constexpr int kThreadsPerRow = 32, kPacksPerThread = 4, kThreads = 256;
+  constexpr int kThreadsPerRow = 32, kPacksPerThread = 4, kMaxRowsPerBlock = 8;
   const RowGeometry g{
       q_out.size(0) * q_out.size(1), q_out.size(1),
       ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
       q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
       q_out.stride(0), q_out.stride(1), q_out.stride(2),
       ql_nope.size(2) / N, q_pe.size(2) / N};
-  constexpr int rows_per_block = kThreads / kThreadsPerRow;
+  // Small inputs (decode) are latency-bound: smaller blocks spread their rows over more SMs.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t rows_per_block = kMaxRowsPerBlock;
+  while (rows_per_block > 1 && g.rows < 2 * sms * rows_per_block) rows_per_block /= 2;
   const int64_t blocks = std::min<int64_t>((g.rows + rows_per_block - 1) / rows_per_block, INT_MAX);
-  concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread><<<blocks, kThreads, 0, stream>>>(
-      ql_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(), q_out.mutable_data_ptr<scalar_t>(), g);
+  concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread>
+      <<<blocks, rows_per_block * kThreadsPerRow, 0, stream>>>(
+          ql_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
+          q_out.mutable_data_ptr<scalar_t>(), g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -117,18 +117,13 @@ bool has_internal_overlap(const at::Tensor& t) {
 
 bool overlaps(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
-  switch (at::get_overlap_status(a, b)) {
-    case at::MemOverlapStatus::Full:
-    case at::MemOverlapStatus::Partial:
-      return true;
-    case at::MemOverlapStatus::No:
-      return false;
-    case at::MemOverlapStatus::TooHard:
-      break;
-  }
+  // By address, not by storage: at::get_overlap_status answers "No" for two storages, but two
+  // storages can share memory (from_blob, numpy or DLPack views of one buffer).
   const auto [a_begin, a_end] = byte_span(a);
   const auto [b_begin, b_end] = byte_span(b);
   if (a_end <= b_begin || b_end <= a_begin) return false;
+  // A dense view covers every byte of its span.
+  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) return true;
   // Element i of a covers bytes [a_begin + off_a(i), +size_a); element j of b likewise. They share
   // a byte iff off_a(i) - off_b(j) lies in (b_begin - a_begin - size_a, b_begin - a_begin + size_b).
   std::vector<Term> terms;

@@ -1,0 +1,242 @@
+"""CUDA-only promises: every vector width path (misaligned and strided views fall back correctly), the
+current stream (side streams, CUDA graphs, torch.compile's cudagraphs), more than 2^31 elements, and
+inputs on a GPU other than the current one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mla_helpers import (
+    HALF_DTYPES,
+    bits,
+    check_rejected,
+    check_writes_reference,
+    contiguous,
+    heads_major,
+    inside_bigger,
+    last_dim_stride_2,
+    one_head,
+    random_bits,
+    reference,
+    split_of_wider,
+)
+
+pytestmark = pytest.mark.cuda
+
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+def shifted(offset: int, row_pad: int = 0):
+    """A layout whose data starts `offset` elements into its buffer and whose rows are `row_pad`
+    elements apart: offset 1 or an odd pad leaves rows off every 16-, 8- and 4-byte boundary."""
+    def layout(shape, dtype, device):
+        t, h, d = shape
+        buf = random_bits((offset + t * h * (d + row_pad),), dtype, device)
+        return buf[offset:].view(t, h, d + row_pad)[..., :d]
+    layout.__name__ = f"offset{offset}_pad{row_pad}"
+    return layout
+
+
+# (nope layout, rope layout, out layout): which vector width each combination allows is in the id.
+ALIGNMENTS = [
+    pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),
+    pytest.param(shifted(1), shifted(0), shifted(0), id="nope-off-by-1"),
+    pytest.param(shifted(0), shifted(1), shifted(0), id="pe-off-by-1"),
+    pytest.param(shifted(0), shifted(0), shifted(1), id="out-off-by-1"),
+    pytest.param(shifted(2), shifted(2), shifted(2), id="all-off-by-2"),
+    pytest.param(shifted(4), shifted(4), shifted(4), id="all-off-by-4"),
+    pytest.param(shifted(0, 1), shifted(0), shifted(0, 1), id="odd-row-pitch"),
+    pytest.param(shifted(0, 4), shifted(0, 2), shifted(0, 4), id="row-pitch-4-2-4"),
+    pytest.param(last_dim_stride_2, last_dim_stride_2, shifted(0), id="inputs-last-stride-2"),
+    pytest.param(shifted(0), shifted(0), last_dim_stride_2, id="out-last-stride-2"),
+    pytest.param(heads_major, split_of_wider, inside_bigger, id="decode-into-padded-out"),
+]
+
+# (nope_dim, rope_dim): widths that allow 8-, 4-, 2- and 1-element vectors.
+WIDTHS = [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0)]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("tokens, heads", [(1, 16), (300, 16), (7, 128)])
+@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=[f"{n}+{r}" for n, r in WIDTHS])
+@pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
+def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout, nope_dim, rope_dim,
+                                             tokens, heads, dtype):
+    ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
+    q_pe = pe_layout((tokens, heads, rope_dim), dtype, "cuda")
+    q_out = out_layout((tokens, heads, nope_dim + rope_dim), dtype, "cuda")
+    check_writes_reference(ql_nope, q_pe, q_out)
+
+
+@pytest.mark.parametrize("pe_layout", [split_of_wider, one_head], ids=["pe-split", "pe-1-head"])
+def test_cuda_graph_replays_with_new_inputs(pe_layout):
+    """Captured once; each replay reads the values now in the captured input buffers and writes q_out
+    (re-poisoned before every replay) and nothing else."""
+    tokens, heads, dtype = 64, 16, torch.bfloat16
+    ql_nope = heads_major((tokens, heads, 512), dtype, "cuda")
+    q_pe = pe_layout((tokens, heads, 64), dtype, "cuda")
+    q_out = inside_bigger((tokens, heads, 576), dtype, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs recommends
+        torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
+
+    def replay(*_):
+        graph.replay()
+        torch.cuda.synchronize()
+
+    for _ in range(3):
+        ql_nope.copy_(random_bits(ql_nope.shape, dtype, "cuda"))
+        q_pe.copy_(random_bits(q_pe.shape, dtype, "cuda"))
+        q_out.copy_(random_bits(q_out.shape, dtype, "cuda"))
+        check_writes_reference(ql_nope, q_pe, q_out, call=replay)
+
+
+def test_runs_on_the_current_stream():
+    """With the default stream held busy by a long kernel, the op issued on a side stream has run
+    once that side stream is done: it was queued on the side stream, not on the default one."""
+    ql_nope = heads_major((300, 16, 512), torch.float16, "cuda")
+    q_pe = split_of_wider((300, 16, 64), torch.float16, "cuda")
+    q_out = random_bits((300, 16, 576), torch.float16, "cuda")
+    expected = reference(ql_nope, q_pe).cpu()
+    landed = torch.empty(expected.shape, dtype=torch.int16, pin_memory=True)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)  # about half a second of GPU clock cycles, on the default stream
+    with torch.cuda.stream(side):
+        torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
+        landed.copy_(bits(q_out), non_blocking=True)
+    side.synchronize()
+    default_still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert default_still_busy, "the default stream finished early: this run cannot tell the streams apart"
+    assert torch.equal(landed, expected)
+
+
+def _build_query(ql_nope, q_pe):
+    q_out = torch.empty(ql_nope.shape[0], ql_nope.shape[1], ql_nope.shape[2] + q_pe.shape[2],
+                        dtype=ql_nope.dtype, device=ql_nope.device)
+    torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
+    return q_out
+
+
+def test_compile_reduce_overhead_uses_cuda_graphs():
+    """mode="reduce-overhead": no cudagraph skip, a steady-state call is a CUDA graph launch (seen by
+    the profiler), and every call's output matches torch.cat for its fresh inputs."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    def fresh_inputs():
+        return heads_major((32, 16, 512), torch.bfloat16, "cuda"), split_of_wider((32, 16, 64), torch.bfloat16, "cuda")
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(_build_query, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, recording, replay
+            ql_nope, q_pe = fresh_inputs()
+            assert torch.equal(bits(compiled(ql_nope, q_pe)), reference(ql_nope, q_pe))
+        ql_nope, q_pe = fresh_inputs()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            q_out = compiled(ql_nope, q_pe)
+            torch.cuda.synchronize()
+        assert torch.equal(bits(q_out), reference(ql_nope, q_pe))
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        assert "cudaGraphLaunch" in {event.name for event in prof.events()}
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.large
+def test_more_than_2_pow_31_elements():
+    """32768 tokens x 128 heads x 576: q_out has 2.4e9 elements, offsets past 2^31 (about 16 GB)."""
+    tokens, heads, dtype = 32768, 128, torch.bfloat16
+    ql_nope = heads_major((tokens, heads, 512), dtype, "cuda")
+    q_pe = split_of_wider((tokens, heads, 64), dtype, "cuda")
+    q_out = random_bits((tokens, heads, 576), dtype, "cuda")
+    assert q_out.numel() > 2**31
+    torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
+    for t in (0, 1, tokens // 2, tokens - 2, tokens - 1):
+        assert torch.equal(bits(q_out[t]), reference(ql_nope[t : t + 1], q_pe[t : t + 1])[0]), f"token {t}"
+    assert torch.equal(bits(q_out), reference(ql_nope, q_pe))
+
+
+# ------------------------------------------------------------------------------- two GPUs
+
+
+def _on_gpu_1(dtype=torch.float16):
+    return (heads_major((40, 16, 512), dtype, "cuda:1"), split_of_wider((40, 16, 64), dtype, "cuda:1"),
+            inside_bigger((40, 16, 576), dtype, "cuda:1"))
+
+
+@needs_2_gpus
+def test_inputs_on_another_gpu():
+    """Inputs on cuda:1 while cuda:0 is current: right result, current device unchanged, and nothing
+    allocated on cuda:0."""
+    torch.cuda.set_device(0)
+    args = _on_gpu_1()
+    torch.cuda.synchronize(1)
+    allocated_on_0 = torch.cuda.memory_allocated(0)
+    check_writes_reference(*args)
+    assert torch.cuda.current_device() == 0
+    assert torch.cuda.memory_allocated(0) == allocated_on_0
+
+
+@needs_2_gpus
+def test_cuda_graph_on_another_gpu():
+    torch.cuda.set_device(0)
+    args = _on_gpu_1(torch.bfloat16)
+    with torch.cuda.device(1):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.ops._C.concat_mla_q(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.ops._C.concat_mla_q(*args)
+    for t in args:
+        t.copy_(random_bits(t.shape, t.dtype, "cuda:1"))
+
+    def replay(*_):
+        graph.replay()
+        torch.cuda.synchronize(1)
+
+    allocated_on_0 = torch.cuda.memory_allocated(0)
+    check_writes_reference(*args, call=replay)
+    assert torch.cuda.current_device() == 0
+    assert torch.cuda.memory_allocated(0) == allocated_on_0
+
+
+@needs_2_gpus
+def test_side_stream_of_another_gpu():
+    torch.cuda.set_device(0)
+    args = _on_gpu_1()
+    side = torch.cuda.Stream(device=1)
+
+    def on_side_stream(*a):
+        side.wait_stream(torch.cuda.current_stream(1))
+        with torch.cuda.stream(side):
+            torch.ops._C.concat_mla_q(*a)
+        side.synchronize()
+
+    allocated_on_0 = torch.cuda.memory_allocated(0)
+    check_writes_reference(*args, call=on_side_stream)
+    assert torch.cuda.current_device() == 0
+    assert torch.cuda.memory_allocated(0) == allocated_on_0
+
+
+@needs_2_gpus
+@pytest.mark.parametrize("which", ["q_pe", "q_out"])
+def test_tensors_on_two_gpus_raise(which):
+    ql_nope, q_pe, q_out = (random_bits(s, torch.float16, "cuda:0") for s in ((3, 4, 8), (3, 4, 2), (3, 4, 10)))
+    if which == "q_pe":
+        q_pe = q_pe.to("cuda:1")
+    else:
+        q_out = q_out.to("cuda:1")
+    check_rejected(ql_nope, q_pe, q_out, f"concat_mla_q: {which} must be on ql_nope's device cuda:0, got cuda:1")

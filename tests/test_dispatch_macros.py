@@ -1,0 +1,75 @@
+"""csrc/dispatch_utils.h: which dtypes each macro reaches, with which C++ type, and ATen's error for
+the rest. A test-only library (tests/dispatch_macros_op.cpp, never part of the package) is compiled
+against the header; its ops return the ATen name of the scalar_t each dtype reached."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+TESTS = Path(__file__).resolve().parent
+CSRC = TESTS.parent / "csrc"
+
+# ATen's names (c10::toString) of the dtypes probed; those a torch lacks are skipped.
+ATEN_NAMES = {
+    "float32": "Float", "float16": "Half", "bfloat16": "BFloat16", "float64": "Double",
+    "complex32": "ComplexHalf", "complex64": "ComplexFloat", "complex128": "ComplexDouble",
+    "int8": "Char", "uint8": "Byte", "int16": "Short", "int32": "Int", "int64": "Long", "bool": "Bool",
+    "uint16": "UInt16", "uint32": "UInt32", "uint64": "UInt64",
+    "qint8": "QInt8", "quint8": "QUInt8", "qint32": "QInt32",
+    "float8_e4m3fn": "Float8_e4m3fn", "float8_e5m2": "Float8_e5m2",
+    "float8_e4m3fnuz": "Float8_e4m3fnuz", "float8_e5m2fnuz": "Float8_e5m2fnuz",
+}
+DTYPES = [getattr(torch, name) for name in ATEN_NAMES if hasattr(torch, name)]
+
+# op -> (the name it dispatches under, the dtypes it must reach)
+MACROS = {
+    "floating_types": ("vllm_dispatch_floating", {torch.float32, torch.float16, torch.bfloat16}),
+    "half_types": ("vllm_dispatch_half", {torch.float16, torch.bfloat16}),
+    "case_floating_types_and_double": ("vllm_dispatch_case_floating",
+                                       {torch.float32, torch.float16, torch.bfloat16, torch.float64}),
+    "case_half_types_and_int": ("vllm_dispatch_case_half", {torch.float16, torch.bfloat16, torch.int32}),
+}
+
+
+@pytest.fixture(scope="module")
+def dispatch_ops(tmp_path_factory):
+    build = tmp_path_factory.mktemp("dispatch_macros_build")
+    saved_path = os.environ.get("PATH", "")
+    # The build needs ninja, which the test environment's venv provides next to its python.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
+    try:
+        torch.utils.cpp_extension.load(
+            name="vllm_mla_ops_dispatch_test",
+            sources=[str(TESTS / "dispatch_macros_op.cpp")],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build),
+            is_python_module=False,
+            with_cuda=False,
+        )
+    finally:
+        os.environ["PATH"] = saved_path
+    return torch.ops.vllm_mla_ops_dispatch_test
+
+
+def _aten_name(dtype: torch.dtype) -> str:
+    return ATEN_NAMES[str(dtype).removeprefix("torch.")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("macro", list(MACROS))
+def test_macro_reaches_exactly_its_dtypes(dispatch_ops, macro, dtype):
+    dispatch_name, reached = MACROS[macro]
+    run = getattr(dispatch_ops, macro)
+    if dtype in reached:
+        assert run(dtype) == _aten_name(dtype)  # scalar_t is the C++ type of that very dtype
+    else:
+        message = f"\"{dispatch_name}\" not implemented for '{_aten_name(dtype)}'"
+        with pytest.raises(RuntimeError, match=re.escape(message)):  # NotImplementedError is one
+            run(dtype)
