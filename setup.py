@@ -63,19 +63,6 @@ def cuda_architectures(arch_list: str) -> str:
     return ";".join(archs)
 
 
-def nvidia_wheel_dir() -> str:
-    """site-packages/nvidia/cuXX of torch's CUDA wheels (nvrtc, cuBLAS headers), if installed."""
-    try:
-        import nvidia
-    except ImportError:
-        return ""
-    for base in map(Path, nvidia.__path__):
-        for candidate in sorted(base.glob("cu[0-9]*"), reverse=True):
-            if (candidate / "include").is_dir():
-                return str(candidate)
-    return ""
-
-
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch
@@ -97,7 +84,6 @@ class CMakeBuild(build_ext):
             args += [
                 f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
                 f"-DVLLM_MLA_OPS_CUDA_ARCHS={cuda_architectures(arch_list)}",
-                f"-DVLLM_MLA_OPS_NVIDIA_WHEEL_DIR={nvidia_wheel_dir()}",
             ]
         ninja = tool("ninja")
         if Path(ninja).is_file():
