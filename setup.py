@@ -76,6 +76,7 @@ class CMakeBuild(build_ext):
             f"-DVLLM_MLA_OPS_TARGET={target}",
             f"-DVLLM_MLA_OPS_OUTPUT={output}",
             f"-DVLLM_MLA_OPS_TORCH_DIR={Path(torch.__file__).parent}",
+            f"-DVLLM_MLA_OPS_TORCH_VERSION={torch.__version__}",
             f"-DVLLM_MLA_OPS_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DPython_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",

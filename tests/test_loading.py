@@ -152,9 +152,11 @@ def test_missing_extension_raises_import_error_with_rebuild_hint(tmp_path):
 
 
 def test_broken_extension_raises_import_error_with_rebuild_hint(tmp_path):
-    """An extension file that cannot be loaded (here: not a shared library at all)."""
+    """An extension file that cannot be loaded (here: not a shared library at all, though it carries
+    the build info of the running torch, so the loader gets as far as loading it)."""
     copy_dir = copy_package(tmp_path / "site" / "vllm_mla_ops_broken")
-    next(copy_dir.glob("_C*.so")).write_bytes(b"not an ELF file")
+    build_info = f"vllm_mla_ops build info: torch={torch.__version__};".encode()
+    next(copy_dir.glob("_C*.so")).write_bytes(b"not an ELF file\0" + build_info)
     result = run_python("""
         try:
             import vllm_mla_ops_broken

@@ -11,11 +11,19 @@ import ctypes
 import importlib
 import importlib.util
 import os
+import re
 
 import torch
 
 OP_NAME = "_C::concat_mla_q"
 REBUILD_HINT = "rebuild it against the installed torch with `pip install --no-build-isolation -e .` in the source tree"
+
+
+def _built_against(path: str) -> str | None:
+    """The torch version recorded in the library (csrc/torch_bindings.cpp), read without loading it."""
+    with open(path, "rb") as library:
+        found = re.search(rb"vllm_mla_ops build info: torch=([^;\0]*);", library.read())
+    return found.group(1).decode() if found else None
 
 
 def _is_loaded(path: str) -> bool:
@@ -64,6 +72,13 @@ def load_extension(package: str, package_dir: str) -> None:
             f"vllm_mla_ops: the compiled extension {name} is missing from {package_dir}; {REBUILD_HINT}"
         )
     path = os.path.realpath(spec.origin)
+    built_against = _built_against(path)
+    if built_against != torch.__version__:
+        raise ImportError(
+            f"vllm_mla_ops: the compiled extension {path} was built against torch "
+            f"{built_against or '(unknown: no build info in the file)'} but torch {torch.__version__} "
+            f"is running; {REBUILD_HINT}"
+        )
     if _op_registered() and not _is_loaded(path):
         raise ImportError(
             f"vllm_mla_ops: {OP_NAME} is already registered by {_registered_by()}; loading a second copy "
