@@ -1,7 +1,9 @@
-// CPU kernel: one task per block of (token, head) rows; each row is two copies, by memcpy where
-// the last dims are unit-stride and element by element otherwise.
+// CPU kernels: one task per block of (token, head) rows; each row is two row operations, a copy
+// (16-byte vectors where the last dims are unit-stride) or, for the fp8 op, a quantization.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <c10/util/Float8_e4m3fn.h>
 
 #include <cstring>
 
@@ -13,20 +15,39 @@ namespace {
 // Elements per parallel task (ATen's own grain size): small inputs stay on the calling thread.
 constexpr int64_t kGrainElements = 32768;
 
-template <typename scalar_t>
-void copy_row(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) {
-  if (dst_stride == 1 && src_stride == 1) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).store(dst + i);
-    if (i < n) std::memcpy(dst + i, src + i, (n - i) * sizeof(scalar_t));
-    return;
+struct CopyRow {
+  template <typename scalar_t>
+  void operator()(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) const {
+    if (dst_stride == 1 && src_stride == 1) {
+      using Vec = at::vec::Vectorized<scalar_t>;
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).store(dst + i);
+      if (i < n) std::memcpy(dst + i, src + i, (n - i) * sizeof(scalar_t));
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = src[i * src_stride];
   }
-  for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = src[i * src_stride];
-}
+};
 
-template <typename scalar_t>
-void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out) {
+// x * r in float32, clamped to e4m3fn's finite range (NaN stays NaN: both compares are false), then
+// c10's round-to-nearest-even conversion: the same steps as the reference
+// (x.float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn).
+struct QuantizeRow {
+  float r;  // 1 / scale, correctly rounded
+  template <typename scalar_t>
+  void operator()(c10::Float8_e4m3fn* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride,
+                  int64_t n) const {
+    constexpr float kMax = 448.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      float x = static_cast<float>(src[i * src_stride]) * r;
+      x = x > kMax ? kMax : (x < -kMax ? -kMax : x);
+      dst[i * dst_stride] = c10::Float8_e4m3fn(x);
+    }
+  }
+};
+
+template <typename scalar_t, typename out_t, typename RowOp>
+void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out, const RowOp& row_op) {
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
   const int64_t nope_dim = ql_nope.size(2), rope_dim = q_pe.size(2);
   // A 1-head q_pe is one rope row shared by every head.
@@ -36,7 +57,7 @@ void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& 
   const int64_t out_s0 = q_out.stride(0), out_s1 = q_out.stride(1), out_s2 = q_out.stride(2);
   const scalar_t* nope = ql_nope.const_data_ptr<scalar_t>();
   const scalar_t* pe = q_pe.const_data_ptr<scalar_t>();
-  scalar_t* out = q_out.mutable_data_ptr<scalar_t>();
+  out_t* out = q_out.mutable_data_ptr<out_t>();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (nope_dim + rope_dim));
   // Rows go in ql_nope's memory order (it is most of the bytes read): token-major, or head-major for
   // the decode layout, where ql_nope is a transposed [heads, tokens, nope] bmm output.
@@ -47,9 +68,9 @@ void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& 
     int64_t o = begin / inner, i = begin % inner;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = heads_outer ? i : o, h = heads_outer ? o : i;
-      scalar_t* out_row = out + t * out_s0 + h * out_s1;
-      copy_row(out_row, out_s2, nope + t * nope_s0 + h * nope_s1, nope_s2, nope_dim);
-      copy_row(out_row + nope_dim * out_s2, out_s2, pe + t * pe_s0 + h * pe_head_stride, pe_s2, rope_dim);
+      out_t* out_row = out + t * out_s0 + h * out_s1;
+      row_op(out_row, out_s2, nope + t * nope_s0 + h * nope_s1, nope_s2, nope_dim);
+      row_op(out_row + nope_dim * out_s2, out_s2, pe + t * pe_s0 + h * pe_head_stride, pe_s2, rope_dim);
       if (++i == inner) {
         i = 0;
         ++o;
@@ -64,6 +85,16 @@ void concat_mla_q_cpu(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Ten
   check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
-    concat_rows<scalar_t>(ql_nope, q_pe, q_out);
+    concat_rows<scalar_t, scalar_t>(ql_nope, q_pe, q_out, CopyRow{});
+  });
+}
+
+void concat_mla_q_fp8_cpu(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
+                          const at::Tensor& scale) {
+  check_concat_mla_q_args(ql_nope, q_pe, q_out, scale);
+  if (q_out.numel() == 0) return;
+  const QuantizeRow quantize{1.0f / scale.item<float>()};
+  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
+    concat_rows<scalar_t, c10::Float8_e4m3fn>(ql_nope, q_pe, q_out, quantize);
   });
 }

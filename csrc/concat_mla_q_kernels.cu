@@ -1,11 +1,15 @@
-// CUDA kernel: a group of kThreadsPerRow threads copies one (token, head) row; each thread loads
-// all of its packs of a pass before it stores any, so its loads are in flight together.
-#include <c10/cuda/CUDAStream.h>
+// CUDA kernels of concat_mla_q and concat_mla_q_fp8: one kernel template, in which a group of
+// kThreadsPerRow threads handles one (token, head) row and each thread loads all of its packs of a
+// pass before it stores any, so its loads are in flight together. The two ops differ only in the
+// conversion applied to a pack between its load and its store.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "dispatch_utils.h"
 #include "ops.h"
@@ -21,6 +25,7 @@ template <> struct PackOf<16> { using type = uint4; };
 template <> struct PackOf<8> { using type = uint2; };
 template <> struct PackOf<4> { using type = uint32_t; };
 template <> struct PackOf<2> { using type = uint16_t; };
+template <> struct PackOf<1> { using type = uint8_t; };
 template <typename T, int N>
 using Pack = typename PackOf<sizeof(T) * N>::type;
 
@@ -33,12 +38,65 @@ struct RowGeometry {
   int64_t nope_packs, pe_packs;  // a row may pass 2^31 elements
 };
 
+// What each conversion reads besides the tensors, passed by value to the kernel.
+struct NoArgs {};
+struct ScaleArgs {
+  const float* scale;
+};
+
+// concat_mla_q: a pack is stored as it was loaded.
+template <typename scalar_t>
+struct Copy {
+  using out_t = scalar_t;
+  using Args = NoArgs;
+  __device__ explicit Copy(Args) {}
+  template <typename P>
+  __device__ P operator()(const P& pack) const {
+    return pack;
+  }
+};
+
+// concat_mla_q_fp8: e4m3fn(x * r) with r = 1 / scale correctly rounded (read on the device, so a
+// graph replay sees the scale of the moment), x * r in float32, rounded to nearest even. The
+// saturating conversion (satfinite) maps |x * r| > 448 and +-inf to +-448 and NaN to NaN, which
+// is what clamp(-448, 448) followed by a cast does.
+template <typename scalar_t>
+struct QuantizeE4M3 {
+  using out_t = __nv_fp8_storage_t;
+  using Args = ScaleArgs;
+  float r;
+  // An IEEE division (nvcc's default -prec-div=true; this build never uses --use_fast_math).
+  __device__ explicit QuantizeE4M3(Args args) : r(1.0f / *args.scale) {}
+  template <typename P>
+  __device__ Pack<out_t, sizeof(P) / sizeof(scalar_t)> operator()(const P& pack) const {
+    constexpr int n = sizeof(P) / sizeof(scalar_t);
+    scalar_t x[n];
+    out_t q[n];
+    memcpy(x, &pack, sizeof(P));
+#pragma unroll
+    for (int i = 0; i + 1 < n; i += 2) {
+      const float2 pair{static_cast<float>(x[i]) * r, static_cast<float>(x[i + 1]) * r};
+      const __nv_fp8x2_storage_t q2 = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
+      memcpy(q + i, &q2, sizeof(q2));
+    }
+    if constexpr (n % 2 == 1) {
+      q[n - 1] = __nv_cvt_float_to_fp8(static_cast<float>(x[n - 1]) * r, __NV_SATFINITE, __NV_E4M3);
+    }
+    Pack<out_t, n> out;
+    memcpy(&out, q, sizeof(out));
+    return out;
+  }
+};
+
 // Grid: x covers the heads, rows_per_block of them per block; y covers the tokens (looping past
 // gridDim.y's 65535), so a thread finds its row with no division.
-template <typename scalar_t, int N, int kThreadsPerRow, int kPacksPerThread>
+template <typename scalar_t, int N, int kThreadsPerRow, int kPacksPerThread, typename Convert>
 __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
-                                    scalar_t* __restrict__ out, const RowGeometry g) {
+                                    typename Convert::out_t* __restrict__ out, const RowGeometry g,
+                                    const typename Convert::Args args) {
   using P = Pack<scalar_t, N>;
+  using OutP = Pack<typename Convert::out_t, N>;
+  const Convert convert(args);
   // With N > 1 the last dims are unit-stride, so pack p of a row starts at element p * N.
   const int64_t nope_step = N > 1 ? N : g.nope_s2;
   const int64_t pe_step = N > 1 ? N : g.pe_s2;
@@ -50,7 +108,7 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
   for (int64_t t = blockIdx.y; t < g.tokens; t += gridDim.y) {
     const scalar_t* nope_row = nope + t * g.nope_s0 + h * g.nope_s1;
     const scalar_t* pe_row = pe + t * g.pe_s0 + h * g.pe_s1;
-    scalar_t* out_row = out + t * g.out_s0 + h * g.out_s1;
+    typename Convert::out_t* out_row = out + t * g.out_s0 + h * g.out_s1;
     for (int64_t first = lane; first < packs; first += kThreadsPerRow * kPacksPerThread) {
       P buf[kPacksPerThread];
 #pragma unroll
@@ -63,7 +121,7 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
 #pragma unroll
       for (int i = 0; i < kPacksPerThread; ++i) {
         const int64_t p = first + i * kThreadsPerRow;
-        if (p < packs) __stwb(reinterpret_cast<P*>(out_row + p * out_step), buf[i]);
+        if (p < packs) __stwb(reinterpret_cast<OutP*>(out_row + p * out_step), convert(buf[i]));
       }
     }
   }
@@ -81,8 +139,9 @@ bool rows_split_into_packs(const at::Tensor& t, int64_t n) {
   return true;
 }
 
-template <typename scalar_t, int N>
-void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out, cudaStream_t stream) {
+template <typename scalar_t, typename Convert, int N>
+void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
+            const typename Convert::Args& args, cudaStream_t stream) {
   constexpr int kThreadsPerRow = 32, kPacksPerThread = 4, kRowsPerBlock = 8, kMaxGridY = 65535;
   const RowGeometry g{
       q_out.size(0), q_out.size(1),
@@ -97,11 +156,31 @@ void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out
   while (rows_per_block > g.heads) rows_per_block /= 2;
   const dim3 grid(static_cast<unsigned>((g.heads + rows_per_block - 1) / rows_per_block),
                   static_cast<unsigned>(std::min<int64_t>(g.tokens, kMaxGridY)));
-  concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread>
+  concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread, Convert>
       <<<grid, rows_per_block * kThreadsPerRow, 0, stream>>>(
           ql_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
-          q_out.mutable_data_ptr<scalar_t>(), g);
+          static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr()), g, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Both ops, on the current stream: the widest pack that every row of the three tensors splits into
+// (16 bytes of input for the 512/64 and 256/32 layouts, down to one element for any other layout).
+template <typename scalar_t, typename Convert>
+void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
+                 const typename Convert::Args& args) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto packable = [&](int64_t n) {
+    return rows_split_into_packs(ql_nope, n) && rows_split_into_packs(q_pe, n) && rows_split_into_packs(q_out, n);
+  };
+  if (packable(8)) {
+    launch<scalar_t, Convert, 8>(ql_nope, q_pe, q_out, args, stream);
+  } else if (packable(4)) {
+    launch<scalar_t, Convert, 4>(ql_nope, q_pe, q_out, args, stream);
+  } else if (packable(2)) {
+    launch<scalar_t, Convert, 2>(ql_nope, q_pe, q_out, args, stream);
+  } else {
+    launch<scalar_t, Convert, 1>(ql_nope, q_pe, q_out, args, stream);
+  }
 }
 
 }  // namespace
@@ -110,20 +189,17 @@ void concat_mla_q_cuda(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Te
   check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
   const at::cuda::OptionalCUDAGuard device_guard(ql_nope.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
-    const auto packable = [&](int64_t n) {
-      return rows_split_into_packs(ql_nope, n) && rows_split_into_packs(q_pe, n) &&
-             rows_split_into_packs(q_out, n);
-    };
-    if (packable(8)) {
-      launch<scalar_t, 8>(ql_nope, q_pe, q_out, stream);
-    } else if (packable(4)) {
-      launch<scalar_t, 4>(ql_nope, q_pe, q_out, stream);
-    } else if (packable(2)) {
-      launch<scalar_t, 2>(ql_nope, q_pe, q_out, stream);
-    } else {
-      launch<scalar_t, 1>(ql_nope, q_pe, q_out, stream);
-    }
+    concat_rows<scalar_t, Copy<scalar_t>>(ql_nope, q_pe, q_out, NoArgs{});
+  });
+}
+
+void concat_mla_q_fp8_cuda(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
+                           const at::Tensor& scale) {
+  check_concat_mla_q_args(ql_nope, q_pe, q_out, scale);
+  if (q_out.numel() == 0) return;
+  const at::cuda::OptionalCUDAGuard device_guard(ql_nope.device());
+  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
+    concat_rows<scalar_t, QuantizeE4M3<scalar_t>>(ql_nope, q_pe, q_out, ScaleArgs{scale.const_data_ptr<float>()});
   });
 }

@@ -41,16 +41,24 @@ void inference_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
 
 TORCH_LIBRARY_FRAGMENT(_C, m) {
   m.def("concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()");
+  m.def("concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(_C, CPU, m) { m.impl("concat_mla_q", &concat_mla_q_cpu); }
+TORCH_LIBRARY_IMPL(_C, CPU, m) {
+  m.impl("concat_mla_q", &concat_mla_q_cpu);
+  m.impl("concat_mla_q_fp8", &concat_mla_q_fp8_cpu);
+}
 
 #ifdef VLLM_MLA_OPS_WITH_CUDA
-TORCH_LIBRARY_IMPL(_C, CUDA, m) { m.impl("concat_mla_q", &concat_mla_q_cuda); }
+TORCH_LIBRARY_IMPL(_C, CUDA, m) {
+  m.impl("concat_mla_q", &concat_mla_q_cuda);
+  m.impl("concat_mla_q_fp8", &concat_mla_q_fp8_cuda);
+}
 #endif
 
 TORCH_LIBRARY_IMPL(_C, Autograd, m) {
   m.impl("concat_mla_q", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
+  m.impl("concat_mla_q_fp8", torch::CppFunction::makeFromBoxedFunction<&inference_only>());
 }
 
 // Importing vllm_mla_ops._C loads this library, whose static initializers above register the ops;

@@ -75,7 +75,7 @@ def test_dispatch_table_has_backend_kernels():
 
 def test_extension_is_the_package_own():
     assert EXTENSION.parent == PACKAGE_DIR
-    assert vllm_mla_ops.__all__ == ["concat_mla_q", "ops"]
+    assert vllm_mla_ops.__all__ == ["concat_mla_q", "concat_mla_q_fp8", "ops"]
 
 
 # --------------------------------------------------------------------------------- processes

@@ -1,7 +1,8 @@
-"""vllm_mla_ops: the MLA query concat as a PyTorch custom op, ``torch.ops._C.concat_mla_q``.
+"""vllm_mla_ops: the MLA query concat as PyTorch custom ops, ``torch.ops._C.concat_mla_q`` and its
+fused FP8 form ``torch.ops._C.concat_mla_q_fp8``.
 
-Importing this package loads the compiled extension, which registers the op under ``_C`` for CPU
-(and CUDA, when built with it). ``concat_mla_q`` below is the convenient form; ``vllm_mla_ops.ops``
+Importing this package loads the compiled extension, which registers the ops under ``_C`` for CPU
+(and CUDA, when built with it). The functions below are the convenient forms; ``vllm_mla_ops.ops``
 holds the schema-order wrappers that model code calls.
 """
 
@@ -17,7 +18,14 @@ load_extension(__name__, str(Path(__file__).resolve().parent))
 
 from . import ops  # noqa: E402  (registers the fake implementations; needs the op loaded)
 
-__all__ = ["concat_mla_q", "ops"]
+__all__ = ["concat_mla_q", "concat_mla_q_fp8", "ops"]
+
+
+def _out_shape(ql_nope: torch.Tensor, q_pe: torch.Tensor) -> tuple[int, ...]:
+    """[tokens, heads, nope_dim + rope_dim]; (0,) for ranks the op rejects, so it raises its rank error."""
+    if ql_nope.dim() == 3 and q_pe.dim() == 3:
+        return (ql_nope.shape[0], ql_nope.shape[1], ql_nope.shape[2] + q_pe.shape[2])
+    return (0,)
 
 
 def concat_mla_q(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,9 +46,36 @@ def concat_mla_q(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor 
         RuntimeError: on any other dtype, rank, shape, device or overlap, before anything is written.
     """
     if q_out is None:
-        shape = (0,)  # for ranks the op rejects: it then raises the rank error
-        if ql_nope.dim() == 3 and q_pe.dim() == 3:
-            shape = (ql_nope.shape[0], ql_nope.shape[1], ql_nope.shape[2] + q_pe.shape[2])
-        q_out = ql_nope.new_empty(shape)
+        q_out = ql_nope.new_empty(_out_shape(ql_nope, q_pe))
     ops.concat_mla_q(ql_nope, q_pe, q_out)
+    return q_out
+
+
+def concat_mla_q_fp8(
+    ql_nope: torch.Tensor, q_pe: torch.Tensor, scale: torch.Tensor, q_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``concat_mla_q`` fused with static per-tensor float8_e4m3fn quantization, in one pass.
+
+    Each element is converted to float32, multiplied by ``r = 1 / scale`` (one correctly rounded
+    float32 division per call), clamped to [-448, 448] and rounded to nearest-even into e4m3fn; NaN
+    stays NaN. Bit for bit this is
+    ``(torch.cat((ql_nope, q_pe.expand(...)), -1).float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)``,
+    the semantics of vLLM's static per-tensor ``QuantFP8.forward_native`` (up to the sign of a NaN).
+
+    Args:
+        ql_nope, q_pe: as for ``concat_mla_q``.
+        scale: float32 tensor of one element on the inputs' device, read on the device when the
+            kernel runs (a CUDA graph replays with the scale's value of the moment).
+        q_out: ``[tokens, heads, nope_dim + rope_dim]`` float8_e4m3fn, any strides that address each
+            element once and share no byte with the inputs or ``scale``. ``None`` allocates one.
+
+    Returns:
+        ``q_out``.
+
+    Raises:
+        RuntimeError: on any other dtype, rank, shape, device or overlap, before anything is written.
+    """
+    if q_out is None:
+        q_out = ql_nope.new_empty(_out_shape(ql_nope, q_pe), dtype=torch.float8_e4m3fn)
+    ops.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)
     return q_out

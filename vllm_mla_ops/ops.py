@@ -16,8 +16,15 @@ def concat_mla_q(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor)
     torch.ops._C.concat_mla_q.default(ql_nope, q_pe, q_out)
 
 
-def _check_concat_mla_q_args(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> None:
-    op = "concat_mla_q"
+def concat_mla_q_fp8(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor, scale: torch.Tensor) -> None:
+    """Fused concat + static per-tensor e4m3 quantization; see ``vllm_mla_ops.concat_mla_q_fp8``."""
+    torch.ops._C.concat_mla_q_fp8.default(ql_nope, q_pe, q_out, scale)
+
+
+def _check_concat_mla_q_args(
+    ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor, scale: torch.Tensor | None = None
+) -> None:
+    op = "concat_mla_q" if scale is None else "concat_mla_q_fp8"
     torch._check(
         ql_nope.dtype in (torch.float16, torch.bfloat16),
         lambda: f"{op}: ql_nope must be float16 or bfloat16 dtype, got {ql_nope.dtype}",
@@ -29,9 +36,15 @@ def _check_concat_mla_q_args(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: t
     ):
         torch._check(t.dim() == 3, lambda t=t, name=name, dims=dims: (
             f"{op}: {name} must be 3-D {dims}, got {t.dim()}-D with shape {list(t.shape)}"))
+    torch._check(q_pe.dtype == ql_nope.dtype, lambda: (
+        f"{op}: q_pe must have ql_nope's dtype {ql_nope.dtype}, got {q_pe.dtype}"))
+    if scale is None:
+        torch._check(q_out.dtype == ql_nope.dtype, lambda: (
+            f"{op}: q_out must have ql_nope's dtype {ql_nope.dtype}, got {q_out.dtype}"))
+    else:
+        torch._check(q_out.dtype == torch.float8_e4m3fn, lambda: (
+            f"{op}: q_out must be torch.float8_e4m3fn, got {q_out.dtype}"))
     for t, name in ((q_pe, "q_pe"), (q_out, "q_out")):
-        torch._check(t.dtype == ql_nope.dtype, lambda t=t, name=name: (
-            f"{op}: {name} must have ql_nope's dtype {ql_nope.dtype}, got {t.dtype}"))
         torch._check(t.device == ql_nope.device, lambda t=t, name=name: (
             f"{op}: {name} must be on ql_nope's device {ql_nope.device}, got {t.device}"))
     tokens, heads, nope_dim = ql_nope.shape
@@ -46,8 +59,21 @@ def _check_concat_mla_q_args(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: t
         lambda: (f"{op}: q_out must be [tokens, heads, nope_dim + rope_dim] = "
                  f"[{tokens}, {heads}, {nope_dim + rope_dim}], got shape {list(q_out.shape)}"),
     )
+    if scale is not None:
+        torch._check(scale.dtype == torch.float32,
+                     lambda: f"{op}: scale must be a torch.float32 tensor, got {scale.dtype}")
+        torch._check(scale.numel() == 1, lambda: (
+            f"{op}: scale must have one element (a per-tensor scale), got shape {list(scale.shape)}"))
+        torch._check(scale.device == ql_nope.device, lambda: (
+            f"{op}: scale must be on ql_nope's device {ql_nope.device}, got {scale.device}"))
 
 
 @torch.library.register_fake("_C::concat_mla_q")
 def _concat_mla_q_fake(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> None:
     _check_concat_mla_q_args(ql_nope, q_pe, q_out)
+
+
+@torch.library.register_fake("_C::concat_mla_q_fp8")
+def _concat_mla_q_fp8_fake(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor,
+                           scale: torch.Tensor) -> None:
+    _check_concat_mla_q_args(ql_nope, q_pe, q_out, scale)
