@@ -137,16 +137,22 @@ def test_second_copy_of_the_package_raises_import_error(tmp_path, copy_first):
     assert "OP-OK" in result.stdout
 
 
-def test_missing_extension_raises_import_error_with_rebuild_hint(tmp_path):
-    copy_package(tmp_path / "site" / "vllm_mla_ops_noext", with_extension=False)
-    result = run_python("""
+def import_error(tmp_path, package: str) -> str:
+    """The ImportError message of importing `package` from tmp_path/site in a fresh process."""
+    result = run_python(f"""
         try:
-            import vllm_mla_ops_noext
+            import {package}
         except ImportError as error:
             print("IMPORT-ERROR:", error)
     """, tmp_path, extra_path=tmp_path / "site")
     assert_clean_exit(result)
-    message = result.stdout.split("IMPORT-ERROR:", 1)[1]
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout
+    return result.stdout.split("IMPORT-ERROR:", 1)[1]
+
+
+def test_missing_extension_raises_import_error_with_rebuild_hint(tmp_path):
+    copy_package(tmp_path / "site" / "vllm_mla_ops_noext", with_extension=False)
+    message = import_error(tmp_path, "vllm_mla_ops_noext")
     assert "the compiled extension vllm_mla_ops_noext._C is missing" in message, message
     assert "pip install --no-build-isolation -e ." in message, message
 
@@ -157,13 +163,6 @@ def test_broken_extension_raises_import_error_with_rebuild_hint(tmp_path):
     copy_dir = copy_package(tmp_path / "site" / "vllm_mla_ops_broken")
     build_info = f"vllm_mla_ops build info: torch={torch.__version__};".encode()
     next(copy_dir.glob("_C*.so")).write_bytes(b"not an ELF file\0" + build_info)
-    result = run_python("""
-        try:
-            import vllm_mla_ops_broken
-        except ImportError as error:
-            print("IMPORT-ERROR:", error)
-    """, tmp_path, extra_path=tmp_path / "site")
-    assert_clean_exit(result)
-    message = result.stdout.split("IMPORT-ERROR:", 1)[1]
+    message = import_error(tmp_path, "vllm_mla_ops_broken")
     assert "cannot load the compiled extension" in message, message
     assert "pip install --no-build-isolation -e ." in message, message

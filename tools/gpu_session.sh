@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What one call of the GPU machine runs (it has torch, nvcc, cmake, ninja and no network), in order:
-# build; the whole test suite; the global loads/stores in the SASS; compute-sanitizer memcheck over
-# the CUDA contract tests; the benchmark. pytest.log, benchmark.log and the benchmark's CSV, JSON
-# and PNG files go to $OUT (the device tool brings back at most 8 files).
-#   OUT=/tmp/out bash tools/gpu_session.sh [pytest args...]     (BENCH_ARGS: extra benchmark args)
+# build; the whole test suite; the global loads/stores in the SASS; compute-sanitizer (memcheck,
+# racecheck, initcheck) over the CUDA contract tests and a sample of hypothesis-drawn CUDA inputs;
+# the bf16 benchmark, then the fp8 one. pytest.log, benchmark.log and the benchmarks' CSV, JSON and
+# PNG files go to $OUT (the device tool brings back at most 8 files).
+#   OUT=/tmp/out bash tools/gpu_session.sh [pytest args...]
+# BENCH_ARGS: extra arguments of the bf16 benchmark; FP8_BENCH_ARGS: of the fp8 one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -31,13 +33,20 @@ python3 -m pytest -q -rs "$@" 2>&1 | tee "$out/pytest.log" | tail -12
 step "SASS: global loads/stores of the concat kernels"
 cuobjdump -sass vllm_mla_ops/_C*.so | grep -oE "(LDG|STG)\.E[.A-Z0-9_]*" | sort | uniq -c
 
-step "compute-sanitizer memcheck (the CUDA contract tests)"
-compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 -m pytest -q -x -k cuda tests/test_concat_mla_q.py >/tmp/memcheck.log 2>&1
-echo "memcheck exit code $?"
-tail -3 /tmp/memcheck.log
+for tool in memcheck racecheck initcheck; do
+  step "compute-sanitizer $tool (CUDA contract tests, fp8 tests, hypothesis sample)"
+  HYPOTHESIS_PROFILE=ci compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    python3 -m pytest -q -x -k cuda tests/test_concat_mla_q.py tests/test_fp8.py tests/test_properties.py \
+    >/tmp/sanitizer.log 2>&1
+  echo "$tool exit code $?"
+  tail -2 /tmp/sanitizer.log
+done
 
-step "benchmark"
-python3 tools/benchmark.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/benchmark.log" | tail -80
+step "benchmark: concat_mla_q"
+python3 tools/benchmark.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/benchmark.log" | tail -45
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "benchmark: concat_mla_q_fp8"
+python3 tools/benchmark.py --fp8 --out "$out" ${FP8_BENCH_ARGS:-} 2>&1 | tee -a "$out/benchmark.log" | tail -45
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
