@@ -42,3 +42,25 @@ def device(request: pytest.FixtureRequest) -> str:
 def _seed(request: pytest.FixtureRequest) -> None:
     """Every test draws its own reproducible random bits (seeded from its node id)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ------------------------------------------------------------------------ hypothesis profiles
+# tests/test_properties.py draws random shapes and layouts. "ci" (the default) is a fixed,
+# derandomized set of examples that fits the suite's time budget; "gpu" is a long randomized hunt
+# for a GPU machine. Select one with HYPOTHESIS_PROFILE=ci|gpu.
+
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_HYPOTHESIS_HEALTH_CHECKS = [
+    HealthCheck.too_slow,
+    HealthCheck.data_too_large,
+    # The `device` and `_seed` fixtures are function-scoped but hold no per-example state.
+    HealthCheck.function_scoped_fixture,
+]
+settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=_HYPOTHESIS_HEALTH_CHECKS)
+settings.register_profile("gpu", max_examples=2000, derandomize=False, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=_HYPOTHESIS_HEALTH_CHECKS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -187,3 +187,21 @@ def check_rejected(
     with pytest.raises(error, match=re.escape(message)):
         call(ql_nope, q_pe, q_out)
     assert_storages(before, tensors, "a rejected call wrote")
+
+
+def expect_reference(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> Callable[[], None]:
+    """check_writes_reference in two halves, for calls made elsewhere (another thread, a loop):
+    captures the expected bytes now and returns a function that asserts them after the call."""
+    expected_out = reference(ql_nope, q_pe).clone()
+    before = snapshot(ql_nope, q_pe, q_out)
+    out_key = next(iter(_storages(q_out)))
+    expected = dict(before)
+    expected[out_key] = before[out_key].clone()
+    region = expected[out_key].view(torch.int16).as_strided(q_out.shape, q_out.stride(), q_out.storage_offset())
+    region.copy_(expected_out)
+
+    def check() -> None:
+        assert torch.equal(bits(q_out), expected_out), "q_out differs from torch.cat"
+        assert_storages(expected, (ql_nope, q_pe, q_out), "bytes outside q_out's elements changed")
+
+    return check

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import re
+import struct
 
 import torch
 
@@ -19,11 +20,28 @@ OP_NAME = "_C::concat_mla_q"
 REBUILD_HINT = "rebuild it against the installed torch with `pip install --no-build-isolation -e .` in the source tree"
 
 
-def _built_against(path: str) -> str | None:
-    """The torch version recorded in the library (csrc/torch_bindings.cpp), read without loading it."""
-    with open(path, "rb") as library:
-        found = re.search(rb"vllm_mla_ops build info: torch=([^;\0]*);", library.read())
+def _built_against(library: bytes) -> str | None:
+    """The torch version recorded in the library (csrc/torch_bindings.cpp)."""
+    found = re.search(rb"vllm_mla_ops build info: torch=([^;\0]*);", library)
     return found.group(1).decode() if found else None
+
+
+def _elf_problem(library: bytes) -> str | None:
+    """Why the file is not a complete 64-bit ELF shared library, or None. The dynamic loader does
+    not check a file's size against its segments: it maps a truncated library, and the process dies
+    of SIGBUS on first touching the missing part instead of failing to load."""
+    if library[:6] != b"\x7fELF\x02\x01":
+        return "not a 64-bit little-endian ELF file"
+    phoff, = struct.unpack_from("<Q", library, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", library, 0x36)
+    for i in range(phnum):
+        start = phoff + i * phentsize
+        if start + 40 > len(library):
+            return f"its program headers end past the end of the file ({len(library)} bytes)"
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", library, start)
+        if p_type == 1 and p_offset + p_filesz > len(library):  # PT_LOAD
+            return f"a loaded segment ends at byte {p_offset + p_filesz}, past the end of the file ({len(library)} bytes)"
+    return None
 
 
 def _is_loaded(path: str) -> bool:
@@ -72,7 +90,15 @@ def load_extension(package: str, package_dir: str) -> None:
             f"vllm_mla_ops: the compiled extension {name} is missing from {package_dir}; {REBUILD_HINT}"
         )
     path = os.path.realpath(spec.origin)
-    built_against = _built_against(path)
+    with open(path, "rb") as file:
+        library = file.read()
+    problem = _elf_problem(library)
+    if problem is not None:
+        raise ImportError(
+            f"vllm_mla_ops: cannot load the compiled extension {path}: the file is not a complete shared "
+            f"library ({problem}); {REBUILD_HINT}"
+        )
+    built_against = _built_against(library)
     if built_against != torch.__version__:
         raise ImportError(
             f"vllm_mla_ops: the compiled extension {path} was built against torch "

@@ -1,0 +1,337 @@
+"""Property tests: hypothesis draws token counts, head counts, nope and rope widths, a dtype and, for
+each of the three tensors, its own layout (contiguous, token/head-transposed storage, a slice of a
+wider buffer at a random element offset, a strided last dim; for q_pe also one head or heads expanded
+with stride 0).
+
+* Valid draws: q_out holds torch.cat's bits (random bit patterns, NaNs included; q_out poisoned
+  with random bits beforehand), and no byte outside q_out's elements changes (gaps, inputs).
+* Invalid draws, one test per kind of fault (a dtype, a size, q_out overlapping itself or an input
+  through a shared buffer, a tensor on another device): RuntimeError with the validator's message,
+  and every byte of every storage involved unchanged.
+
+Examples per test come from the hypothesis profile (tests/conftest.py; HYPOTHESIS_PROFILE=ci|gpu):
+"ci" runs a fixed derandomized set (per device: 150 valid draws, 25 of each kind of invalid one),
+"gpu" a long randomized hunt (2000 valid, 333 of each invalid kind). Every example seeds torch from
+a drawn seed, so a failure replays with its bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from mla_helpers import call_api, call_op, check_rejected, check_writes_reference, random_bits
+
+# Elements of all three tensors' buffers together, per example (tens of ms on 2 CPU cores);
+# the token count shrinks to fit, down to 1.
+ELEMENT_BUDGET = 2_000_000
+MAX_TOKENS = 300
+HALF = (torch.float16, torch.bfloat16)
+
+VALID_EXAMPLES = settings.default.max_examples
+# Each kind of invalid input is its own test, so every kind is drawn: 14 kinds x 25 in "ci".
+PER_MUTATION_EXAMPLES = max(10, settings.default.max_examples // 6)
+
+
+# ---------------------------------------------------------------------------------- layouts
+# A layout is a tuple: (kind, *parameters). Each builds a view of the requested logical shape over
+# a buffer of fresh random bits, so the view's elements and the gaps around them are random.
+
+
+@st.composite
+def _sliced(draw):
+    """A slice [..., col : col + dim] of a [tokens, heads, dim + pad] buffer starting `offset`
+    elements into a flat allocation (odd offsets and columns misalign every row)."""
+    pad = draw(st.one_of(st.integers(1, 16), st.sampled_from([64, 128, 512])))
+    col = draw(st.one_of(st.integers(0, pad), st.just(pad)))
+    return ("sliced", pad, col, draw(st.integers(0, 67)))
+
+
+LAYOUTS = [
+    st.just(("contiguous",)),
+    st.just(("permuted",)),  # [heads, tokens, dim] storage, transposed: the decode bmm output
+    _sliced(),
+    st.tuples(st.just("strided"), st.integers(2, 3), st.integers(0, 67)),  # last-dim stride 2 or 3
+]
+PE_ONLY_LAYOUTS = [
+    st.just(("one_head",)),  # [tokens, 1, rope]: one rope row for every head
+    st.just(("expanded",)),  # [tokens, 1, rope].expand(tokens, heads, rope): head stride 0
+]
+
+
+def build(layout: tuple, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    tokens, heads, dim = shape
+    kind = layout[0]
+    if kind == "contiguous":
+        return random_bits(shape, dtype, device)
+    if kind == "permuted":
+        return random_bits((heads, tokens, dim), dtype, device).transpose(0, 1)
+    if kind == "sliced":
+        _, pad, col, offset = layout
+        flat = random_bits((offset + tokens * heads * (dim + pad),), dtype, device)
+        return flat[offset:].view(tokens, heads, dim + pad)[..., col : col + dim]
+    if kind == "strided":
+        _, step, offset = layout
+        flat = random_bits((offset + tokens * heads * dim * step,), dtype, device)
+        return flat[offset:].view(tokens, heads, dim * step)[..., ::step]
+    if kind == "one_head":
+        return random_bits((tokens, 1, dim), dtype, device)
+    if kind == "expanded":
+        return random_bits((tokens, 1, dim), dtype, device).expand(tokens, heads, dim)
+    raise AssertionError(layout)
+
+
+def per_token_elements(layout: tuple, heads: int, dim: int) -> int:
+    kind = layout[0]
+    if kind == "sliced":
+        return heads * (dim + layout[1])
+    if kind == "strided":
+        return heads * dim * layout[1]
+    if kind in ("one_head", "expanded"):
+        return dim
+    return heads * dim
+
+
+# --------------------------------------------------------------------------------- problems
+
+# Widths 1..1100, with extra weight on multiples of 8 (the vectorized paths) and MLA's widths.
+WIDTHS = st.one_of(st.sampled_from([512, 64, 256, 32]), st.integers(1, 1100 // 8).map(lambda k: 8 * k),
+                   st.integers(1, 1100))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    tokens: int
+    heads: int
+    nope_dim: int
+    rope_dim: int
+    dtype: torch.dtype
+    nope_layout: tuple
+    pe_layout: tuple
+    out_layout: tuple
+    seed: int
+
+    @property
+    def width(self) -> int:
+        return self.nope_dim + self.rope_dim
+
+    def nope(self, device, dtype=None, shape=None):
+        return build(self.nope_layout, shape or (self.tokens, self.heads, self.nope_dim), dtype or self.dtype,
+                     device)
+
+    def pe(self, device, dtype=None, shape=None, layout=None):
+        return build(layout or self.pe_layout, shape or (self.tokens, self.heads, self.rope_dim),
+                     dtype or self.dtype, device)
+
+    def out(self, device, dtype=None, shape=None):
+        return build(self.out_layout, shape or (self.tokens, self.heads, self.width), dtype or self.dtype, device)
+
+    def record(self) -> None:
+        """Statistics for --hypothesis-show-statistics: which layouts and sizes the run covered."""
+        for name, layout in (("ql_nope", self.nope_layout), ("q_pe", self.pe_layout), ("q_out", self.out_layout)):
+            event(f"{name} layout", layout[0])
+        event("widths", "512/64" if (self.nope_dim, self.rope_dim) == (512, 64) else
+              "256/32" if (self.nope_dim, self.rope_dim) == (256, 32) else
+              "both multiples of 8" if self.nope_dim % 8 == 0 and self.rope_dim % 8 == 0 else "other")
+        elements = self.tokens * self.heads * self.width
+        event("q_out elements", "0" if elements == 0 else "<10k" if elements < 10_000 else
+              "10k..100k" if elements < 100_000 else ">=100k")
+        event("tokens", "0" if self.tokens == 0 else "1" if self.tokens == 1 else
+              "2..31" if self.tokens < 32 else "32..300")
+
+
+@st.composite
+def problems(draw) -> Problem:
+    nope_dim, rope_dim = draw(st.one_of(st.just((512, 64)), st.just((256, 32)), st.tuples(WIDTHS, WIDTHS)))
+    heads = draw(st.one_of(st.sampled_from([1, 16, 128]), st.integers(1, 130)))
+    dtype = draw(st.sampled_from(HALF))
+    nope_layout = draw(st.one_of(LAYOUTS))
+    pe_layout = draw(st.one_of(LAYOUTS + PE_ONLY_LAYOUTS))
+    out_layout = draw(st.one_of(LAYOUTS))
+    per_token = (per_token_elements(nope_layout, heads, nope_dim) + per_token_elements(pe_layout, heads, rope_dim)
+                 + per_token_elements(out_layout, heads, nope_dim + rope_dim))
+    max_tokens = max(1, min(MAX_TOKENS, ELEMENT_BUDGET // per_token))
+    # Zero tokens in about 1 draw of 16 (hypothesis would otherwise favour the bound).
+    tokens = 0 if draw(st.integers(0, 15)) == 15 else draw(st.integers(1, max_tokens))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return Problem(tokens, heads, nope_dim, rope_dim, dtype, nope_layout, pe_layout, out_layout, seed)
+
+
+ENTRY = st.sampled_from([call_op, call_api])
+
+
+def _seed(problem: Problem) -> None:
+    torch.manual_seed(problem.seed)  # all devices: the example's bits replay with it
+
+
+# ------------------------------------------------------------------------------------ valid
+
+
+@settings(max_examples=VALID_EXAMPLES)
+@given(problem=problems(), call=ENTRY)
+def test_valid_draws_match_cat_bit_exact(device, problem, call):
+    problem.record()
+    _seed(problem)
+    ql_nope, q_pe, q_out = problem.nope(device), problem.pe(device), problem.out(device)
+    check_writes_reference(ql_nope, q_pe, q_out, call=call)
+
+
+# ---------------------------------------------------------------------------------- invalid
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype)
+
+
+def _pick_other(draw, lo: int, hi: int, avoid) -> int:
+    """An integer in [lo, hi] outside `avoid` (drawn without a filter, which small ranges defeat)."""
+    return draw(st.sampled_from([v for v in range(lo, hi + 1) if v not in avoid]))
+
+
+def _wrong_dtype(draw, p: Problem, device, which: str):
+    if which == "ql_nope":
+        bad = draw(st.sampled_from([torch.float32, torch.float64, torch.int16, torch.uint8, torch.int32]))
+        return ((p.nope(device, dtype=bad), p.pe(device), p.out(device)),
+                f"concat_mla_q: ql_nope must be float16 or bfloat16 dtype, got {_name(bad)}")
+    other_half = HALF[1 - HALF.index(p.dtype)]
+    bad = draw(st.sampled_from([other_half, torch.float32, torch.int16, torch.uint8]))
+    message = f"concat_mla_q: {which} must have ql_nope's dtype {_name(p.dtype)}, got {_name(bad)}"
+    if which == "q_pe":
+        return (p.nope(device), p.pe(device, dtype=bad), p.out(device)), message
+    return (p.nope(device), p.pe(device), p.out(device, dtype=bad)), message
+
+
+def _wrong_size(draw, p: Problem, device, what: str):
+    t, h, w = p.tokens, p.heads, p.width
+    if what.startswith("q_pe"):
+        pe_heads = 1 if p.pe_layout[0] == "one_head" else h
+        layout = None
+        if what == "q_pe tokens":
+            shape = (_pick_other(draw, 0, t + 3, {t}), h, p.rope_dim)
+        else:  # heads neither `heads` nor 1; a one-head layout becomes an expanded one
+            pe_heads = _pick_other(draw, 0, h + 3, {h, 1})
+            shape = (t, pe_heads, p.rope_dim)
+            layout = ("expanded",) if p.pe_layout[0] == "one_head" else None
+        q_pe = p.pe(device, shape=shape, layout=layout)
+        message = (f"concat_mla_q: q_pe must be [tokens, heads or 1, rope_dim] with tokens={t} and heads={h} "
+                   f"from ql_nope, got shape {list(q_pe.shape)}")
+        return (p.nope(device), q_pe, p.out(device)), message
+    shape = {
+        "q_out tokens": lambda: (_pick_other(draw, 0, t + 3, {t}), h, w),
+        "q_out heads": lambda: (t, _pick_other(draw, 0, h + 3, {h}), w),
+        "q_out width": lambda: (t, h, _pick_other(draw, 0, w + 8, {w})),
+    }[what]()
+    message = (f"concat_mla_q: q_out must be [tokens, heads, nope_dim + rope_dim] = [{t}, {h}, {w}], "
+               f"got shape {list(shape)}")
+    return (p.nope(device), p.pe(device), p.out(device, shape=shape)), message
+
+
+WITH_NOPE = "concat_mla_q: q_out must not overlap ql_nope in memory, got views that share bytes"
+WITH_PE = "concat_mla_q: q_out must not overlap q_pe in memory, got views that share bytes"
+SELF = "concat_mla_q: q_out must not overlap itself, got shape "
+
+
+def _input_inside_out(draw, p: Problem, device, which: str):
+    """The input is a view of some of q_out's own elements (q_out in its drawn layout)."""
+    q_out = p.out(device)
+    if which == "ql_nope":
+        col = draw(st.integers(0, p.rope_dim))
+        return (q_out[..., col : col + p.nope_dim], p.pe(device), q_out), WITH_NOPE
+    col = draw(st.integers(0, p.nope_dim))
+    form = draw(st.sampled_from(["all heads", "one head", "one head expanded"]))
+    if form == "all heads":
+        q_pe = q_out[..., col : col + p.rope_dim]
+    else:
+        head = draw(st.integers(0, p.heads - 1))
+        q_pe = q_out[:, head : head + 1, col : col + p.rope_dim]
+        if form == "one head expanded":
+            q_pe = q_pe.expand(p.tokens, p.heads, p.rope_dim)
+    return (p.nope(device), q_pe, q_out), WITH_PE
+
+
+def _dense_views_of_one_buffer(draw, p: Problem, device, which: str):
+    """q_out and the input are dense views of one flat buffer whose element ranges intersect (the
+    input possibly token/head transposed): they share at least one element."""
+    t, h = p.tokens, p.heads
+    dim = p.nope_dim if which == "ql_nope" else p.rope_dim
+    n_out, n_in = t * h * p.width, t * h * dim
+    shift = draw(st.integers(-(n_in - 1), n_out - 1))  # input start relative to q_out's
+    out_start = n_in
+    flat = random_bits((out_start + max(n_out, shift + n_in),), p.dtype, device)
+    q_out = flat[out_start : out_start + n_out].view(t, h, p.width)
+    piece = flat[out_start + shift : out_start + shift + n_in]
+    if draw(st.booleans()):
+        view = piece.view(h, t, dim).transpose(0, 1)
+    else:
+        view = piece.view(t, h, dim)
+    if which == "ql_nope":
+        return (view, p.pe(device), q_out), WITH_NOPE
+    return (p.nope(device), view, q_out), WITH_PE
+
+
+def _out_overlaps_itself(draw, p: Problem, device):
+    """q_out's strides address some element from two indices: along tokens or heads with a stride
+    below the row width (0 included), or along the last dim with stride 0."""
+    t, h, w = p.tokens, p.heads, p.width
+    dims = [d for d, size in ((0, t), (1, h)) if size >= 2] + [2]  # w >= 2 always
+    dim = draw(st.sampled_from(dims))
+    if dim == 2:
+        strides = (h, 1, 0)
+    elif dim == 1:
+        strides = (h * w, draw(st.integers(0, w - 1)), 1)
+    else:
+        strides = (draw(st.integers(0, w - 1)), w, 1)
+    offset = draw(st.integers(0, 67))
+    extent = offset + sum((n - 1) * s for n, s in zip((t, h, w), strides)) + 1
+    q_out = random_bits((extent,), p.dtype, device).as_strided((t, h, w), strides, offset)
+    return (p.nope(device), p.pe(device), q_out), SELF
+
+
+def _mixed_devices(draw, p: Problem, device):
+    args = [p.nope(device), p.pe(device), p.out(device)]
+    which = draw(st.sampled_from([0, 1, 2]))
+    args[which] = args[which].cpu()
+    if which == 0:
+        message = f"concat_mla_q: q_pe must be on ql_nope's device cpu, got {args[1].device}"
+    else:
+        name = ("q_pe", "q_out")[which - 1]
+        message = f"concat_mla_q: {name} must be on ql_nope's device {args[0].device}, got cpu"
+    return tuple(args), message
+
+
+MUTATIONS = {
+    "ql_nope dtype": lambda draw, p, d: _wrong_dtype(draw, p, d, "ql_nope"),
+    "q_pe dtype": lambda draw, p, d: _wrong_dtype(draw, p, d, "q_pe"),
+    "q_out dtype": lambda draw, p, d: _wrong_dtype(draw, p, d, "q_out"),
+    "q_pe tokens": lambda draw, p, d: _wrong_size(draw, p, d, "q_pe tokens"),
+    "q_pe heads": lambda draw, p, d: _wrong_size(draw, p, d, "q_pe heads"),
+    "q_out tokens": lambda draw, p, d: _wrong_size(draw, p, d, "q_out tokens"),
+    "q_out heads": lambda draw, p, d: _wrong_size(draw, p, d, "q_out heads"),
+    "q_out width": lambda draw, p, d: _wrong_size(draw, p, d, "q_out width"),
+    "ql_nope inside q_out": lambda draw, p, d: _input_inside_out(draw, p, d, "ql_nope"),
+    "q_pe inside q_out": lambda draw, p, d: _input_inside_out(draw, p, d, "q_pe"),
+    "ql_nope shares q_out's buffer": lambda draw, p, d: _dense_views_of_one_buffer(draw, p, d, "ql_nope"),
+    "q_pe shares q_out's buffer": lambda draw, p, d: _dense_views_of_one_buffer(draw, p, d, "q_pe"),
+    "q_out overlaps itself": _out_overlaps_itself,
+    "mixed devices": _mixed_devices,
+}
+NEEDS_ELEMENTS = {"ql_nope inside q_out", "q_pe inside q_out", "ql_nope shares q_out's buffer",
+                  "q_pe shares q_out's buffer", "q_out overlaps itself"}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@settings(max_examples=PER_MUTATION_EXAMPLES)
+@given(problem=problems(), call=ENTRY, data=st.data())
+def test_invalid_draws_raise_and_write_nothing(device, mutation, problem, call, data):
+    if mutation == "mixed devices" and device != "cuda":
+        pytest.skip("mixed devices need CUDA")
+    problem.record()
+    if mutation in NEEDS_ELEMENTS and problem.tokens == 0:
+        problem = dataclasses.replace(problem, tokens=1)  # an empty q_out overlaps nothing, not even itself
+    _seed(problem)
+    (ql_nope, q_pe, q_out), message = MUTATIONS[mutation](data.draw, problem, device)
+    check_rejected(ql_nope, q_pe, q_out, message, call=call)
