@@ -8,6 +8,22 @@ Modes
             contiguous layout); bit-exact check, then ours vs torch.cat. What `tools/dev.sh main` runs.
   default   the full sweep over --dtypes x --layouts x --heads x --tokens, with a final table, a host
             (launch) overhead table on CUDA, and CSV, JSON and PNG files in --out.
+  --fp8     the same sweep for torch.ops._C.concat_mla_q_fp8 (concat fused with static per-tensor
+            float8_e4m3fn quantization; bf16 inputs by default). Contenders: ours; "cat+quant", eager
+            torch (cat into a temporary, then reciprocal, mul, clamp_, copy_ into the fp8 q_out: five
+            kernels on preallocated buffers); "compiled-dyn", the reference under torch.compile with
+            the token dim of both inputs marked dynamic (how vLLM compiles it; at 1 token a hint
+            only, since Dynamo specializes size 1); "compiled-static", the same with dynamic=False
+            (one compile per shape); and the ceiling dst_fp8.copy_(src) over numel(q_out) contiguous
+            elements (reads 2 bytes, writes 1 byte each: an SM conversion kernel, also in a graph).
+            Each case is checked first: ours and every baseline must equal the reference
+            (torch.cat(...).float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)
+            byte for byte, up to the sign of a NaN; if ours differs the case is FAIL and not timed,
+            if only a baseline does it is BASE! and still timed; either makes the exit status 1.
+            GB/s counts numel(q_out) * (element_size + 1). Compiled contenders compile on first use
+            (in the check, before any graph capture), with fresh Dynamo caches per (dtype, layout,
+            heads); on CPU they are skipped unless --fp8-compiled yes. Files: fp8_sweep_<device>.*
+            (the columns speedup_vs_<baseline> = baseline time / contender time).
 
 Layouts (inputs are [tokens, heads, width])
   contiguous  ql_nope and q_pe contiguous.
@@ -51,8 +67,8 @@ Output
   JSON adds the header data and the host table) and, for the sweep when matplotlib is installed,
   sweep_<device>_<method>_<dtype>.png (per layout/heads: % of ceiling and us vs tokens).
 
-Contenders are a list of named callables (CONTENDERS); adding one (e.g. a fused concat + FP8 quant
-op, whose byte count and ceiling differ) is a new entry there.
+Contenders are a list of named callables (CONTENDERS for concat_mla_q, FP8_CONTENDERS for --fp8,
+which has its own byte count and ceiling); adding one is a new entry there.
 """
 
 from __future__ import annotations
@@ -386,14 +402,16 @@ def run_case(case: Case, contenders: Sequence[Contender], methods: Sequence[Meth
 
 
 def run_cases(cases: Sequence[Case], contenders: Sequence[Contender], methods: Sequence[Method],
-              device: torch.device) -> list[CaseResult]:
+              device: torch.device, runner: Callable[..., CaseResult] | None = None,
+              status: Callable[[CaseResult], str] | None = None) -> list[CaseResult]:
     results = []
     for i, case in enumerate(cases, 1):
-        result = run_case(case, contenders, methods, device)
+        result = (runner or run_case)(case, contenders, methods, device)
         summary = ", ".join(f"{m.name} {_fmt_us(result.us(m.name, OURS))} us" for m in methods)
-        status = "PASS" if result.ok else "FAIL"
-        print(f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {case.label():<48} {status}"
-              + (f"  ours: {summary}" if result.ok else ""), flush=True)
+        timed = bool(result.seconds)
+        state = status(result) if status else ("PASS" if result.ok else "FAIL")
+        print(f"[{i:>{len(str(len(cases)))}}/{len(cases)}] {case.label():<48} {state}"
+              + (f"  ours: {summary}" if timed else ""), flush=True)
         for msg in result.failures:
             print(f"    FAIL: {msg}", file=sys.stderr, flush=True)
         results.append(result)
@@ -408,11 +426,13 @@ class HostResult:
     wall_us: float
 
 
-def run_host(cases: Sequence[Case], calls: int, device: torch.device) -> list[HostResult]:
+def run_host(cases: Sequence[Case], calls: int, device: torch.device,
+             contenders: Sequence[Contender] | None = None,
+             inputs: Callable[[Case, torch.device], Any] | None = None) -> list[HostResult]:
     out = []
     for case in cases:
-        x = case_inputs(case, device)
-        for c in pick(HOST_CONTENDERS):
+        x = (inputs or case_inputs)(case, device)
+        for c in (pick(HOST_CONTENDERS) if contenders is None else contenders):
             host, wall = time_host(c.bind(x), calls)
             out.append(HostResult(case, c.name, host * 1e6, wall * 1e6))
         del x
@@ -547,8 +567,8 @@ def collect_meta(device: torch.device, methods: Sequence[Method],
     }
 
 
-def print_meta(meta: dict[str, Any]) -> None:
-    print(f"# concat_mla_q benchmark  {meta['utc']}")
+def print_meta(meta: dict[str, Any], title: str = "concat_mla_q") -> None:
+    print(f"# {title} benchmark  {meta['utc']}")
     print(f"# command: {meta['command']}")
     print(f"# device: {meta['device_name']} ({meta['device']}); torch {meta['torch']}, "
           f"CUDA {meta['cuda']}, triton {meta['triton']}, python {meta['python']}, "
@@ -575,12 +595,13 @@ def result_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
 
 
 def write_files(out_dir: Path, tag: str, meta: dict[str, Any], results: Sequence[CaseResult],
-                host: Sequence[HostResult]) -> list[Path]:
+                host: Sequence[HostResult], rows: list[dict[str, Any]] | None = None,
+                fields: Sequence[str] | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = result_rows(results)
+    rows = result_rows(results) if rows is None else rows
     csv_path, json_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.json"
-    fields = ["dtype", "layout", "heads", "tokens", "nope", "rope", "bytes", "check", "method",
-              "contender", "us", "gbps", "pct_ceiling", "speedup_vs_cat"]
+    fields = fields or ["dtype", "layout", "heads", "tokens", "nope", "rope", "bytes", "check", "method",
+                        "contender", "us", "gbps", "pct_ceiling", "speedup_vs_cat"]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
@@ -597,7 +618,8 @@ def write_files(out_dir: Path, tag: str, meta: dict[str, Any], results: Sequence
 
 
 def write_plots(out_dir: Path, tag: str, results: Sequence[CaseResult],
-                methods: Sequence[Method], contenders: Sequence[str]) -> list[Path]:
+                methods: Sequence[Method], contenders: Sequence[str],
+                title: str = "concat_mla_q") -> list[Path]:
     """Per method and dtype, one PNG: a column per (layout, heads); top row % of ceiling vs tokens,
     bottom row us per call vs tokens; log x."""
     try:
@@ -611,7 +633,7 @@ def write_plots(out_dir: Path, tag: str, results: Sequence[CaseResult],
     lines = [n for n in contenders if n != CEILING]
     for method in methods:
         for dtype in sorted({r.case.dtype for r in results}):
-            ok = [r for r in results if r.ok and r.case.dtype == dtype and method.name in r.seconds]
+            ok = [r for r in results if r.seconds and r.case.dtype == dtype and method.name in r.seconds]
             panels = sorted({(r.case.layout, r.case.heads) for r in ok})
             if not panels:
                 continue
@@ -641,13 +663,334 @@ def write_plots(out_dir: Path, tag: str, results: Sequence[CaseResult],
                     ax.grid(True, which="both", alpha=0.3)
                 top.legend(fontsize=8)
                 bottom.legend(fontsize=8)
-            fig.suptitle(f"concat_mla_q, {dtype}, {method.name}: {method.doc}", fontsize=9)
+            fig.suptitle(f"{title}, {dtype}, {method.name}: {method.doc}", fontsize=9)
             fig.tight_layout()
             path = out_dir / f"{tag}_{method.name}_{dtype}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)
     return paths
+
+# -- fp8 mode: concat_mla_q_fp8 (--fp8) ----------------------------------------------------------
+# The same machinery for the fused concat + static per-tensor float8_e4m3fn quantization. Its
+# contract is the reference below, bit for bit (up to the sign of a NaN), so every contender that
+# produces q_out is checked against it; the bytes moved are numel(q_out) * (element_size + 1).
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+CAT_QUANT, COMPILED_DYNAMIC, COMPILED_STATIC = "cat+quant", "compiled-dyn", "compiled-static"
+FP8_BASELINES = (CAT_QUANT, COMPILED_DYNAMIC, COMPILED_STATIC)
+FP8_SWEEP_DEFAULTS = {
+    "cuda": {"dtypes": ["bf16"], "tokens": [1, 16, 64, 256, 1024, 4096, 16384]},
+    "cpu": {"dtypes": ["bf16"], "tokens": [1, 16, 64, 256]},
+}
+FP8_RECOMPILE_LIMIT = 64  # compiled-static compiles once per token count of a (dtype, layout, heads)
+FP8_BYTES_DOC = "numel(q_out) * (element_size + 1) (inputs read once, float8 q_out written once)"
+FP8_POISON = 0x7F  # e4m3fn NaN, which the finite random inputs never yield
+
+
+class Fp8Case(Case):
+    """A Case of the fp8 op: same fields (and CSV/JSON columns), fp8 byte count."""
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.out_numel * (DTYPES[self.dtype].itemsize + 1)
+
+    def label(self) -> str:
+        return f"{self.dtype}->fp8 {self.layout} heads={self.heads} tokens={self.tokens}"
+
+
+@dataclass
+class Fp8Inputs:
+    ql_nope: torch.Tensor
+    q_pe: torch.Tensor
+    q_out: torch.Tensor  # float8_e4m3fn, contiguous
+    scale: torch.Tensor  # float32, one element, on the device
+
+
+def fp8_reference(ql_nope: torch.Tensor, q_pe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The contract: vLLM's static per-tensor QuantFP8.forward_native applied to torch.cat."""
+    return (torch.cat((ql_nope, q_pe), -1).float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+# Two textually separate copies of the reference, so the two compiled forms get their own code
+# objects and Dynamo caches (torch.compile of one function object twice would share its cache).
+def _reference_for_dynamic(ql_nope: torch.Tensor, q_pe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (torch.cat((ql_nope, q_pe), -1).float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _reference_for_static(ql_nope: torch.Tensor, q_pe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (torch.cat((ql_nope, q_pe), -1).float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _compiled(kind: str) -> Callable[..., torch.Tensor]:
+    """torch.compile'd reference, created once: "dynamic" (default dynamic=None; the caller marks
+    the token dim dynamic, as vLLM does) or "static" (dynamic=False: one compile per shape)."""
+    if kind not in _COMPILED:
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), FP8_RECOMPILE_LIMIT))
+                break
+        if kind == "dynamic":
+            _COMPILED[kind] = torch.compile(_reference_for_dynamic)
+        else:
+            _COMPILED[kind] = torch.compile(_reference_for_static, dynamic=False)
+    return _COMPILED[kind]
+
+
+def fp8_inputs(case: Case, device: torch.device) -> Fp8Inputs:
+    """The case's random inputs (layout as in the bf16 sweep), a contiguous float8 q_out and a
+    calibrated static scale: max |input| / 448, so the outputs span e4m3's range."""
+    x = case_inputs(case, device)
+    q_out = torch.empty(x.q_out.shape, dtype=FP8_DTYPE, device=device)
+    amax = torch.maximum(x.ql_nope.abs().amax(), x.q_pe.abs().amax()).float()
+    scale = (amax / FP8_MAX).reshape(1)
+    return Fp8Inputs(x.ql_nope, x.q_pe, q_out, scale)
+
+
+def _bind_fp8_ours(x: Fp8Inputs) -> Fn:
+    return partial(torch.ops._C.concat_mla_q_fp8, x.ql_nope, x.q_pe, x.q_out, x.scale)
+
+
+def _bind_cat_quant(x: Fp8Inputs) -> Fn:
+    """Eager torch, 5 kernels on preallocated buffers (graph-capturable): cat into a 16-bit
+    temporary, 1 / scale, multiply in float32 (bf16/fp16 * float32 promotes to float32: the bits of
+    tmp.float() * r), clamp in place, and the float32 -> e4m3fn conversion into q_out."""
+    tmp = torch.empty(x.q_out.shape, dtype=x.ql_nope.dtype, device=x.q_out.device)
+    wide = torch.empty(x.q_out.shape, dtype=torch.float32, device=x.q_out.device)
+    recip = torch.empty_like(x.scale)
+
+    def run() -> torch.Tensor:
+        torch.cat((x.ql_nope, x.q_pe), -1, out=tmp)
+        torch.reciprocal(x.scale, out=recip)
+        torch.mul(tmp, recip, out=wide)
+        wide.clamp_(-FP8_MAX, FP8_MAX)
+        return x.q_out.copy_(wide)
+    return run
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor object over t's memory: Dynamo's marks live on the Python object, so the
+    dynamic contender's marks never reach the tensors the static one is called with."""
+    return t.as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def _bind_compiled_dynamic(x: Fp8Inputs) -> Fn:
+    ql_nope, q_pe = _alias(x.ql_nope), _alias(x.q_pe)
+    # Dynamo specializes sizes 0 and 1, and mark_dynamic of a dim it specializes is an error, so
+    # at 1 token the mark is a hint (a 1-token specialization is compiled).
+    mark = torch._dynamo.mark_dynamic if ql_nope.shape[0] >= 2 else torch._dynamo.maybe_mark_dynamic
+    mark(ql_nope, 0)
+    mark(q_pe, 0)
+    return partial(_compiled("dynamic"), ql_nope, q_pe, x.scale)
+
+
+def _bind_compiled_static(x: Fp8Inputs) -> Fn:
+    return partial(_compiled("static"), x.ql_nope, x.q_pe, x.scale)
+
+
+def _bind_fp8_ceiling(x: Fp8Inputs) -> Fn:
+    # numel(q_out) 16-bit elements read, numel(q_out) bytes written: an SM conversion kernel (a
+    # dtype-converting copy_ is a kernel in a CUDA graph, not a memcpy node).
+    numel = x.q_out.numel()
+    src = torch.randn(numel, dtype=x.ql_nope.dtype, device=x.q_out.device)
+    return partial(torch.empty(numel, dtype=FP8_DTYPE, device=x.q_out.device).copy_, src)
+
+
+FP8_CONTENDERS: tuple[Contender, ...] = (
+    Contender(OURS, "torch.ops._C.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)", _bind_fp8_ours),
+    Contender(CAT_QUANT, "eager: torch.cat(out=tmp); torch.reciprocal(scale, out=r); "
+              "torch.mul(tmp, r, out=f32); f32.clamp_(-448, 448); q_out.copy_(f32)", _bind_cat_quant),
+    Contender(COMPILED_DYNAMIC, "torch.compile(reference), token dim marked dynamic on both inputs "
+              "(torch._dynamo.mark_dynamic(x, 0); maybe_mark_dynamic at 1 token)", _bind_compiled_dynamic),
+    Contender(COMPILED_STATIC, "torch.compile(reference, dynamic=False), one compile per shape",
+              _bind_compiled_static),
+    Contender(CEILING, "dst_fp8.copy_(src), src numel(q_out) of the input dtype, contiguous",
+              _bind_fp8_ceiling, writes_q_out=False),
+)
+
+
+def fp8_mismatches(actual: torch.Tensor, expected: torch.Tensor) -> int:
+    """Elements whose bytes differ, where a NaN (byte & 0x7f == 0x7f) matches a NaN of either sign."""
+    a, e = actual.view(torch.uint8), expected.view(torch.uint8)
+    if a.shape != e.shape:
+        return e.numel()
+    nan_e, nan_a = (e & 0x7F) == 0x7F, (a & 0x7F) == 0x7F
+    return int(((nan_e != nan_a) | (~nan_e & (a != e))).sum())
+
+
+def verify_fp8(x: Fp8Inputs, contenders: Sequence[Contender]) -> dict[str, str]:
+    """Runs each checked contender once (q_out poisoned first); {name: failure} for those that
+    raised or differ from fp8_reference. The first call of a compiled contender compiles it."""
+    expected = fp8_reference(x.ql_nope, x.q_pe, x.scale)
+    failures = {}
+    for c in contenders:
+        if not c.writes_q_out:
+            continue
+        x.q_out.view(torch.uint8).fill_(FP8_POISON)
+        try:
+            out = c.bind(x)()
+        except Exception as exc:  # noqa: BLE001 - reported, not hidden
+            failures[c.name] = f"{c.name} raised {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            continue
+        out = out if isinstance(out, torch.Tensor) else x.q_out
+        bad = fp8_mismatches(out, expected)
+        if bad:
+            failures[c.name] = f"{c.name} differs from the reference in {bad} of {expected.numel()} elements"
+    return failures
+
+
+_fp8_group: tuple | None = None
+
+
+def _reset_fp8_compiles() -> None:
+    global _fp8_group
+    torch._dynamo.reset()
+    _fp8_group = None
+
+
+def run_fp8_case(case: Case, contenders: Sequence[Contender], methods: Sequence[Method],
+                 device: torch.device) -> CaseResult:
+    """Checks, then times. A case whose op differs from the reference is not timed; a baseline
+    that differs is still timed (and reported); one that raised is left out."""
+    global _fp8_group
+    group = (case.dtype, case.layout, case.heads)
+    if group != _fp8_group:  # fresh Dynamo caches per (dtype, layout, heads): no stale recompiles
+        _reset_fp8_compiles()
+        _fp8_group = group
+    x = fp8_inputs(case, device)
+    failures = verify_fp8(x, contenders)
+    result = CaseResult(case, list(failures.values()))
+    if OURS not in failures:
+        timed = [c for c in contenders if not failures.get(c.name, "").startswith(f"{c.name} raised")]
+        for method in methods:
+            result.seconds[method.name] = {c.name: method.timer(c.bind(x)) for c in timed}
+    del x
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def fp8_status(r: CaseResult) -> str:
+    """PASS; FAIL (the op differs: not timed); BASE! (only a baseline differs or raised)."""
+    if r.ok:
+        return "PASS"
+    return "BASE!" if r.seconds else "FAIL"
+
+
+def fp8_sweep_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    defaults = FP8_SWEEP_DEFAULTS[device.type]
+    return [Fp8Case(dtype, layout, heads, tokens, args.nope, args.rope)
+            for dtype in (args.dtypes or defaults["dtypes"])
+            for layout in args.layouts
+            for heads in args.heads
+            for tokens in (args.tokens or defaults["tokens"])]
+
+
+def fp8_table(results: Sequence[CaseResult], method: str, contenders: Sequence[str]) -> str:
+    baselines = [n for n in FP8_BASELINES if n in contenders]
+    has_ceiling = CEILING in contenders
+    headers = ["dtype", "layout", "heads", "tokens", "check", "ours us", "GB/s"]
+    headers += ["% ceil"] * has_ceiling + [f"x {n}" for n in baselines] + [f"{n} us" for n in baselines]
+    headers += ["ceil us", "ceil GB/s"] * has_ceiling
+    rows = []
+    for r in results:
+        c = r.case
+        row = [c.dtype, c.layout, str(c.heads), str(c.tokens), fp8_status(r),
+               _fmt_us(r.us(method, OURS)), _fmt(r.gbps(method, OURS), ".0f")]
+        row += [_fmt(r.pct_ceiling(method, OURS), ".0f", "%")] * has_ceiling
+        row += [_fmt(r.ratio(method, n, OURS), ".2f", "x") for n in baselines]
+        row += [_fmt_us(r.us(method, n)) for n in baselines]
+        if has_ceiling:
+            row += [_fmt_us(r.us(method, CEILING)), _fmt(r.gbps(method, CEILING), ".0f")]
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+FP8_FIELDS = ["dtype", "layout", "heads", "tokens", "nope", "rope", "bytes", "check", "method", "contender",
+              "us", "gbps", "pct_ceiling"] + [f"speedup_vs_{n}" for n in FP8_BASELINES]
+
+
+def fp8_result_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """As result_rows, with the speedup of each contender over each baseline (baseline s / its s)."""
+    rows = []
+    for r in results:
+        base = {**asdict(r.case), "bytes": r.case.bytes_moved, "check": fp8_status(r)}
+        if not r.seconds:
+            rows.append({**base, "method": None, "contender": None})
+        for method, times in r.seconds.items():
+            for name in times:
+                rows.append({**base, "method": method, "contender": name,
+                             "us": r.us(method, name), "gbps": r.gbps(method, name),
+                             "pct_ceiling": r.pct_ceiling(method, name),
+                             **{f"speedup_vs_{n}": r.ratio(method, n, name) for n in FP8_BASELINES}})
+    return rows
+
+
+def main_fp8(args: argparse.Namespace, device: torch.device) -> int:
+    methods = methods_for(device, main=False)
+    compiled = args.fp8_compiled == "yes" or (args.fp8_compiled == "auto" and device.type == "cuda")
+    contenders = [c for c in FP8_CONTENDERS
+                  if compiled or c.name not in (COMPILED_DYNAMIC, COMPILED_STATIC)]
+    names = [c.name for c in contenders]
+    cases = fp8_sweep_cases(args, device)
+
+    meta = collect_meta(device, methods, contenders)
+    meta["op"] = "concat_mla_q_fp8"
+    meta["bytes_per_call"] = FP8_BYTES_DOC
+    meta["reference"] = ("(torch.cat((ql_nope, q_pe), -1).float() * scale.reciprocal()).clamp(-448, 448)"
+                         ".to(torch.float8_e4m3fn), bytes equal up to the sign of a NaN")
+    meta["scale"] = "max |input| / 448, float32 [1] on the device"
+    print_meta(meta, title="concat_mla_q_fp8")
+    print(f"# check: {meta['reference']}")
+    if not compiled:
+        print(f"note: compiled contenders ({COMPILED_DYNAMIC}, {COMPILED_STATIC}) skipped on {device.type}: "
+              "Inductor's C++ build per shape is slow there; --fp8-compiled yes includes them")
+    if device.type == "cuda" and METHOD_DO_BENCH not in methods:
+        print("note: triton is not installed; no do_bench column")
+    start = time.perf_counter()
+    results = run_cases(cases, contenders, methods, device, runner=run_fp8_case, status=fp8_status)
+
+    host: list[HostResult] = []
+    if device.type == "cuda" and args.host_calls > 0:
+        _reset_fp8_compiles()
+        host_contenders = [c for c in contenders if c.name != CEILING]
+        host = run_host(host_cases(cases), args.host_calls, device, contenders=host_contenders,
+                        inputs=fp8_inputs)
+
+    print()
+    for method in methods:
+        print(f"## {method.name}: {method.doc}")
+        print(fp8_table(results, method.name, names))
+        print()
+    if host:
+        print(f"## host time per eager call: {args.host_calls} back-to-back calls, one sync before "
+              "the clock starts; host = before the final sync, wall = after it")
+        print(host_table(host))
+        print()
+
+    tag = f"fp8_sweep_{device.type}"
+    written = write_files(args.out, tag, meta, results, host, rows=fp8_result_rows(results), fields=FP8_FIELDS)
+    if not args.no_plot:
+        written += write_plots(args.out, tag, results, methods, names, title="concat_mla_q_fp8")
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(f"elapsed {time.perf_counter() - start:.1f} s")
+
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"FAIL: {len(failed)} of {len(results)} cases have a contender that differs from the "
+              "reference or raised:", file=sys.stderr)
+        for r in failed:
+            for msg in r.failures:
+                print(f"  {r.case.label()}: {msg}", file=sys.stderr)
+        return 1
+    print(f"PASS: all {len(results)} cases bit-exact vs the reference (ours and every baseline)")
+    return 0
+
 
 # -- command line -------------------------------------------------------------------------------
 
@@ -677,7 +1020,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                "  python tools/benchmark.py                      # full sweep, best device\n"
                "  python tools/benchmark.py --dtypes bf16 --layouts decode --heads 128 "
                "--tokens 1,16,64\n"
-               "  python tools/benchmark.py --device cpu --out /tmp/bench\n")
+               "  python tools/benchmark.py --device cpu --out /tmp/bench\n"
+               "  python tools/benchmark.py --fp8                # fused concat + fp8 quant sweep\n"
+               "  python tools/benchmark.py --fp8 --device cpu --tokens 1,16 --heads 16\n")
     p.add_argument("--main", action="store_true",
                    help="DeepSeek-V3 decode/prefill shapes, ours vs torch.cat (ignores --tokens, "
                         "--heads, --layouts; --dtypes defaults to bf16)")
@@ -703,7 +1048,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="directory for CSV, JSON and PNG (default: bench_out/)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default: 0)")
+    p.add_argument("--fp8", action="store_true",
+                   help="sweep the fused concat_mla_q_fp8 instead (bf16 inputs by default; CUDA tokens "
+                        f"{','.join(map(str, FP8_SWEEP_DEFAULTS['cuda']['tokens']))}, CPU "
+                        f"{','.join(map(str, FP8_SWEEP_DEFAULTS['cpu']['tokens']))}); files "
+                        "fp8_sweep_<device>.*")
+    p.add_argument("--fp8-compiled", choices=("auto", "yes", "no"), default="auto",
+                   help="with --fp8: time the torch.compile'd reference (auto: on CUDA only)")
     args = p.parse_args(argv)
+    if args.fp8 and args.main:
+        p.error("--fp8 has no --main mode; use --fp8 with --tokens/--heads/--layouts")
     if args.nope <= 0 or args.rope <= 0:
         p.error("--nope and --rope must be positive")
     return args
@@ -749,6 +1103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
+    if args.fp8:
+        return main_fp8(args, device)
     methods = methods_for(device, args.main)
     contenders = pick(MAIN_CONTENDERS) if args.main else list(CONTENDERS)
     names = [c.name for c in contenders]
