@@ -114,8 +114,9 @@ def test_runs_on_the_current_stream():
     side.synchronize()
     default_still_busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
-    assert default_still_busy, "the default stream finished early: this run cannot tell the streams apart"
     assert torch.equal(landed, expected)
+    if not default_still_busy:  # e.g. under compute-sanitizer, where the side stream ran slower
+        pytest.skip("inconclusive: the default stream finished first, so this run cannot tell the streams apart")
 
 
 def _build_query(ql_nope, q_pe):

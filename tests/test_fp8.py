@@ -629,8 +629,9 @@ def test_runs_on_the_current_stream_without_syncing():
     side.synchronize()
     default_still_busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
-    assert default_still_busy, "the default stream finished early: this run cannot tell the streams apart"
     assert_fp8_equal(landed.view(FP8), expected.cpu())
+    if not default_still_busy:  # e.g. under compute-sanitizer, where the side stream ran slower
+        pytest.skip("inconclusive: the default stream finished first, so this run cannot tell the streams apart")
 
 
 def shifted(offset: int, row_pad: int = 0):

@@ -5,7 +5,9 @@
 # the bf16 benchmark, then the fp8 one. pytest.log, benchmark.log and the benchmarks' CSV, JSON and
 # PNG files go to $OUT (the device tool brings back at most 8 files).
 #   OUT=/tmp/out bash tools/gpu_session.sh [pytest args...]
-# BENCH_ARGS: extra arguments of the bf16 benchmark; FP8_BENCH_ARGS: of the fp8 one.
+# BENCH_ARGS: extra arguments of the bf16 benchmark; FP8_BENCH_ARGS: of the fp8 one. STEPS picks
+# the steps after the build (default "tests sanitizers bench bench_fp8"), to split a session over
+# calls of the 10-minute limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -26,13 +28,19 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . >/tmp/build.log 
 fi
 grep -E "building target" /tmp/build.log
 
+steps=" ${STEPS:-tests sanitizers bench bench_fp8} "
+want() { [[ "$steps" == *" $1 "* ]]; }
+
+if want tests; then
 step "tests"
 python3 -m pytest -q -rs "$@" 2>&1 | tee "$out/pytest.log" | tail -12
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "SASS: global loads/stores of the concat kernels"
 cuobjdump -sass vllm_mla_ops/_C*.so | grep -oE "(LDG|STG)\.E[.A-Z0-9_]*" | sort | uniq -c
+fi
 
+if want sanitizers; then
 for tool in memcheck racecheck initcheck; do
   step "compute-sanitizer $tool (CUDA contract tests, fp8 tests, hypothesis sample)"
   HYPOTHESIS_PROFILE=ci compute-sanitizer --tool "$tool" --error-exitcode 3 \
@@ -41,12 +49,17 @@ for tool in memcheck racecheck initcheck; do
   echo "$tool exit code $?"
   tail -2 /tmp/sanitizer.log
 done
+fi
 
+if want bench; then
 step "benchmark: concat_mla_q"
 python3 tools/benchmark.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/benchmark.log" | tail -45
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want bench_fp8; then
 step "benchmark: concat_mla_q_fp8"
 python3 tools/benchmark.py --fp8 --out "$out" ${FP8_BENCH_ARGS:-} 2>&1 | tee -a "$out/benchmark.log" | tail -45
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 exit $status
