@@ -205,3 +205,33 @@ def expect_reference(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Ten
         assert_storages(expected, (ql_nope, q_pe, q_out), "bytes outside q_out's elements changed")
 
     return check
+
+
+def shifted(offset: int, row_pad: int = 0):
+    """A layout whose data starts `offset` elements into its buffer and whose rows are `row_pad`
+    elements apart: offset 1 or an odd pad leaves rows off every 16-, 8- and 4-byte boundary (the
+    CUDA kernels' narrower pack paths)."""
+    def layout(shape, dtype, device):
+        t, h, d = shape
+        buf = random_bits((offset + t * h * (d + row_pad),), dtype, device)
+        return buf[offset:].view(t, h, d + row_pad)[..., :d]
+    layout.__name__ = f"offset{offset}_pad{row_pad}"
+    return layout
+
+
+# (nope layout, rope layout, out layout): which pack width each combination allows is in the id.
+ALIGNMENTS = [
+    pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),
+    pytest.param(shifted(1), shifted(0), shifted(0), id="nope-off-by-1"),
+    pytest.param(shifted(0), shifted(1), shifted(0), id="pe-off-by-1"),
+    pytest.param(shifted(0), shifted(0), shifted(1), id="out-off-by-1"),
+    pytest.param(shifted(0), shifted(0), shifted(2), id="out-off-by-2"),
+    pytest.param(shifted(0), shifted(0), shifted(4), id="out-off-by-4"),
+    pytest.param(shifted(2), shifted(2), shifted(2), id="all-off-by-2"),
+    pytest.param(shifted(4), shifted(4), shifted(4), id="all-off-by-4"),
+    pytest.param(shifted(0, 1), shifted(0), shifted(0, 1), id="odd-row-pitch"),
+    pytest.param(shifted(0, 4), shifted(0, 2), shifted(0, 4), id="row-pitch-4-2-4"),
+    pytest.param(last_dim_stride_2, last_dim_stride_2, shifted(0), id="inputs-last-stride-2"),
+    pytest.param(shifted(0), shifted(0), last_dim_stride_2, id="out-last-stride-2"),
+    pytest.param(heads_major, split_of_wider, inside_bigger, id="decode-into-padded-out"),
+]

@@ -19,6 +19,7 @@ from torch._inductor.utils import run_and_get_code
 
 import vllm_mla_ops
 from mla_helpers import (
+    ALIGNMENTS,
     HALF_DTYPES,
     contiguous,
     heads_major,
@@ -634,31 +635,6 @@ def test_runs_on_the_current_stream_without_syncing():
         pytest.skip("inconclusive: the default stream finished first, so this run cannot tell the streams apart")
 
 
-def shifted(offset: int, row_pad: int = 0):
-    """Data `offset` elements into its buffer, rows `row_pad` elements apart: offset 1 or an odd pad
-    leaves rows off the 16-, 8- and 4-byte boundaries (the narrower pack paths)."""
-    def layout(shape, dtype, device):
-        t, h, d = shape
-        buf = random_bits((offset + t * h * (d + row_pad),), dtype, device)
-        return buf[offset:].view(t, h, d + row_pad)[..., :d]
-    layout.__name__ = f"offset{offset}_pad{row_pad}"
-    return layout
-
-
-ALIGNMENTS = [
-    pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),
-    pytest.param(shifted(1), shifted(0), shifted(0), id="nope-off-by-1"),
-    pytest.param(shifted(0), shifted(1), shifted(0), id="pe-off-by-1"),
-    pytest.param(shifted(0), shifted(0), shifted(1), id="out-off-by-1"),
-    pytest.param(shifted(0), shifted(0), shifted(2), id="out-off-by-2"),
-    pytest.param(shifted(0), shifted(0), shifted(4), id="out-off-by-4"),
-    pytest.param(shifted(2), shifted(2), shifted(2), id="all-off-by-2"),
-    pytest.param(shifted(4), shifted(4), shifted(4), id="all-off-by-4"),
-    pytest.param(shifted(0, 1), shifted(0), shifted(0, 1), id="odd-row-pitch"),
-    pytest.param(shifted(0, 4), shifted(0, 2), shifted(0, 4), id="row-pitch-4-2-4"),
-    pytest.param(last_dim_stride_2, last_dim_stride_2, shifted(0), id="inputs-last-stride-2"),
-    pytest.param(shifted(0), shifted(0), last_dim_stride_2, id="out-last-stride-2"),
-]
 WIDTHS = [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0)]
 
 

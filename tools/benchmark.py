@@ -578,19 +578,22 @@ def print_meta(meta: dict[str, Any], title: str = "concat_mla_q") -> None:
     print(f"# GB/s counts {meta['bytes_per_call']}", flush=True)
 
 
-def result_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """One flat row per case x method x contender (failed cases: one row, no timings)."""
+def result_rows(results: Sequence[CaseResult], baselines: Sequence[str] = (CAT,),
+                status: Callable[[CaseResult], str] = lambda r: "PASS" if r.ok else "FAIL",
+                ) -> list[dict[str, Any]]:
+    """One flat row per case x method x contender (untimed cases: one row, no timings), with each
+    contender's speedup over each baseline (baseline s / its s)."""
     rows = []
     for r in results:
-        base = {**asdict(r.case), "bytes": r.case.bytes_moved, "check": "PASS" if r.ok else "FAIL"}
-        if not r.ok:
+        base = {**asdict(r.case), "bytes": r.case.bytes_moved, "check": status(r)}
+        if not r.seconds:
             rows.append({**base, "method": None, "contender": None})
         for method, times in r.seconds.items():
             for name in times:
                 rows.append({**base, "method": method, "contender": name,
                              "us": r.us(method, name), "gbps": r.gbps(method, name),
                              "pct_ceiling": r.pct_ceiling(method, name),
-                             "speedup_vs_cat": r.ratio(method, CAT, name)})
+                             **{f"speedup_vs_{n}": r.ratio(method, n, name) for n in baselines}})
     return rows
 
 
@@ -701,10 +704,8 @@ class Fp8Case(Case):
 
 
 @dataclass
-class Fp8Inputs:
-    ql_nope: torch.Tensor
-    q_pe: torch.Tensor
-    q_out: torch.Tensor  # float8_e4m3fn, contiguous
+class Fp8Inputs(Inputs):
+    """q_out is float8_e4m3fn and contiguous."""
     scale: torch.Tensor  # float32, one element, on the device
 
 
@@ -882,15 +883,6 @@ def fp8_status(r: CaseResult) -> str:
     return "BASE!" if r.seconds else "FAIL"
 
 
-def fp8_sweep_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
-    defaults = FP8_SWEEP_DEFAULTS[device.type]
-    return [Fp8Case(dtype, layout, heads, tokens, args.nope, args.rope)
-            for dtype in (args.dtypes or defaults["dtypes"])
-            for layout in args.layouts
-            for heads in args.heads
-            for tokens in (args.tokens or defaults["tokens"])]
-
-
 def fp8_table(results: Sequence[CaseResult], method: str, contenders: Sequence[str]) -> str:
     baselines = [n for n in FP8_BASELINES if n in contenders]
     has_ceiling = CEILING in contenders
@@ -915,29 +907,13 @@ FP8_FIELDS = ["dtype", "layout", "heads", "tokens", "nope", "rope", "bytes", "ch
               "us", "gbps", "pct_ceiling"] + [f"speedup_vs_{n}" for n in FP8_BASELINES]
 
 
-def fp8_result_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """As result_rows, with the speedup of each contender over each baseline (baseline s / its s)."""
-    rows = []
-    for r in results:
-        base = {**asdict(r.case), "bytes": r.case.bytes_moved, "check": fp8_status(r)}
-        if not r.seconds:
-            rows.append({**base, "method": None, "contender": None})
-        for method, times in r.seconds.items():
-            for name in times:
-                rows.append({**base, "method": method, "contender": name,
-                             "us": r.us(method, name), "gbps": r.gbps(method, name),
-                             "pct_ceiling": r.pct_ceiling(method, name),
-                             **{f"speedup_vs_{n}": r.ratio(method, n, name) for n in FP8_BASELINES}})
-    return rows
-
-
 def main_fp8(args: argparse.Namespace, device: torch.device) -> int:
     methods = methods_for(device, main=False)
     compiled = args.fp8_compiled == "yes" or (args.fp8_compiled == "auto" and device.type == "cuda")
     contenders = [c for c in FP8_CONTENDERS
                   if compiled or c.name not in (COMPILED_DYNAMIC, COMPILED_STATIC)]
     names = [c.name for c in contenders]
-    cases = fp8_sweep_cases(args, device)
+    cases = sweep_cases(args, device, FP8_SWEEP_DEFAULTS, Fp8Case)
 
     meta = collect_meta(device, methods, contenders)
     meta["op"] = "concat_mla_q_fp8"
@@ -974,7 +950,7 @@ def main_fp8(args: argparse.Namespace, device: torch.device) -> int:
         print()
 
     tag = f"fp8_sweep_{device.type}"
-    written = write_files(args.out, tag, meta, results, host, rows=fp8_result_rows(results), fields=FP8_FIELDS)
+    written = write_files(args.out, tag, meta, results, host, rows=result_rows(results, FP8_BASELINES, fp8_status), fields=FP8_FIELDS)
     if not args.no_plot:
         written += write_plots(args.out, tag, results, methods, names, title="concat_mla_q_fp8")
     print("wrote " + ", ".join(str(p) for p in written))
@@ -1081,9 +1057,11 @@ def main_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
             for dtype in (args.dtypes or ["bf16"]) for layout, tokens in shapes]
 
 
-def sweep_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
-    defaults = SWEEP_DEFAULTS[device.type]
-    return [Case(dtype, layout, heads, tokens, args.nope, args.rope)
+def sweep_cases(args: argparse.Namespace, device: torch.device, defaults_by_device=SWEEP_DEFAULTS,
+                case=Case) -> list[Case]:
+    """--dtypes x --layouts x --heads x --tokens, with the device's default dtypes and tokens."""
+    defaults = defaults_by_device[device.type]
+    return [case(dtype, layout, heads, tokens, args.nope, args.rope)
             for dtype in (args.dtypes or defaults["dtypes"])
             for layout in args.layouts
             for heads in args.heads
