@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
 from mla_helpers import (
+    inductor_call_body,
     bits,
     check_rejected,
     check_writes_reference,
@@ -64,15 +65,6 @@ def test_opcheck(device, dtype, sample):
 OP_CALL = re.compile(r"torch\.ops\._C\.concat_mla_q\.default\((\w+), (\w+), (\w+)\)")
 
 
-def _call_body(codes: list[str]) -> str:
-    """The `call` function of the one Inductor-generated module (the code that runs the graph)."""
-    (code,) = codes
-    start = code.index("def call(")
-    end = min((i for i in (code.find(m, start) for m in ("\nrunner = ", "\ndef ", "\nclass ")) if i != -1),
-              default=len(code))
-    return code[start:end]
-
-
 def _assert_op_runs_in_place(body: str) -> str:
     """Asserts that the op is called once and that nothing clones or copies a buffer; returns the
     name of the tensor the op writes."""
@@ -104,7 +96,7 @@ def test_compiled_allocating_function(device):
         q_pe = split_of_wider((tokens, 16, 64), dtype, device)
         if i == 0:
             q_out, codes = run_and_get_code(compiled, ql_nope, q_pe)
-            body = _call_body(codes)
+            body = inductor_call_body(codes)
             written = _assert_op_runs_in_place(body)
             assert re.search(rf"\b{written} = empty_strided", body), body
             assert re.search(rf"return \({written}, \)", body), body
@@ -135,7 +127,7 @@ def test_compiled_function_writes_callers_output(device):
                 return result
 
             check_writes_reference(ql_nope, q_pe, q_out, call=call)
-            written = _assert_op_runs_in_place(_call_body(codes))
+            written = _assert_op_runs_in_place(inductor_call_body(codes))
             assert re.fullmatch(r"arg\d+_1", written), f"the op writes {written}, not the caller's q_out"
         else:
             check_writes_reference(ql_nope, q_pe, q_out, call=compiled)

@@ -19,6 +19,7 @@ from torch._inductor.utils import run_and_get_code
 
 import vllm_mla_ops
 from mla_helpers import (
+    inductor_call_body,
     ALIGNMENTS,
     HALF_DTYPES,
     contiguous,
@@ -529,14 +530,6 @@ def _build_fp8(ql_nope, q_pe, scale):
     return q_out
 
 
-def _call_body(codes: list[str]) -> str:
-    (code,) = codes
-    start = code.index("def call(")
-    end = min((i for i in (code.find(m, start) for m in ("\nrunner = ", "\ndef ", "\nclass ")) if i != -1),
-              default=len(code))
-    return code[start:end]
-
-
 def test_compiled_allocating_function(device):
     """fullgraph + dynamic: one compile for 2..300 tokens and several scale values, eager's bytes,
     and generated code that hands the buffer it allocates to the op (no copy) and returns it."""
@@ -550,7 +543,7 @@ def test_compiled_allocating_function(device):
             scale = make_scale(value, device)
             if i == 0:
                 q_out, codes = run_and_get_code(compiled, ql_nope, q_pe, scale)
-                body = _call_body(codes)
+                body = inductor_call_body(codes)
                 calls = OP_CALL.findall(body)
                 assert len(calls) == 1, body
                 for forbidden in ("clone", "copy_", "aten.copy", "as_strided_scatter"):
