@@ -96,7 +96,6 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
                                     const typename Convert::Args args) {
   using P = Pack<scalar_t, N>;
   using OutP = Pack<typename Convert::out_t, N>;
-  const Convert convert(args);
   // With N > 1 the last dims are unit-stride, so pack p of a row starts at element p * N.
   const int64_t nope_step = N > 1 ? N : g.nope_s2;
   const int64_t pe_step = N > 1 ? N : g.pe_s2;
@@ -118,6 +117,9 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
         const scalar_t* src = p < g.nope_packs ? nope_row + p * nope_step : pe_row + (p - g.nope_packs) * pe_step;
         if (p < packs) buf[i] = __ldg(reinterpret_cast<const P*>(src));
       }
+      // Built here, once the data loads are in flight, so the fp8 conversion's scale load and
+      // division overlap them instead of delaying them (a second memory round trip at 1 token).
+      const Convert convert(args);
 #pragma unroll
       for (int i = 0; i < kPacksPerThread; ++i) {
         const int64_t p = first + i * kThreadsPerRow;

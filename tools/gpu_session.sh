@@ -7,7 +7,8 @@
 #   OUT=/tmp/out bash tools/gpu_session.sh [pytest args...]
 # BENCH_ARGS: extra arguments of the bf16 benchmark; FP8_BENCH_ARGS: of the fp8 one. STEPS picks
 # the steps after the build (default "tests sanitizers bench bench_fp8"), to split a session over
-# calls of the 10-minute limit.
+# calls of the 10-minute limit; SANITIZERS the compute-sanitizer tools (default "memcheck racecheck
+# initcheck"), each over every selected test (no -x: a failed test does not hide the rest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -41,13 +42,13 @@ cuobjdump -sass vllm_mla_ops/_C*.so | grep -oE "(LDG|STG)\.E[.A-Z0-9_]*" | sort 
 fi
 
 if want sanitizers; then
-for tool in memcheck racecheck initcheck; do
+for tool in ${SANITIZERS:-memcheck racecheck initcheck}; do
   step "compute-sanitizer $tool (CUDA contract tests, fp8 tests, hypothesis sample)"
   HYPOTHESIS_PROFILE=ci compute-sanitizer --tool "$tool" --error-exitcode 3 \
-    python3 -m pytest -q -x -k cuda tests/test_concat_mla_q.py tests/test_fp8.py tests/test_properties.py \
+    python3 -m pytest -q -rfs -k cuda tests/test_concat_mla_q.py tests/test_fp8.py tests/test_properties.py \
     >/tmp/sanitizer.log 2>&1
   echo "$tool exit code $?"
-  tail -2 /tmp/sanitizer.log
+  grep -E "^(FAILED|SKIPPED)|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" /tmp/sanitizer.log | tail -12
 done
 fi
 
