@@ -1,7 +1,8 @@
-// CUDA kernels of concat_mla_q and concat_mla_q_fp8: one kernel template, in which a group of
-// kThreadsPerRow threads handles one (token, head) row and each thread loads all of its packs of a
-// pass before it stores any, so its loads are in flight together. The two ops differ only in the
-// conversion applied to a pack between its load and its store.
+// CUDA kernels of concat_mla_q and concat_mla_q_fp8. Many rows: a group of kThreadsPerRow threads
+// handles one (token, head) row and each thread loads all of its packs of a pass before it stores
+// any, so its loads are in flight together. Few rows: one block a row, one pack a thread. Both share
+// the row addressing (RowAt); the two ops differ only in the conversion applied to a pack between
+// its load and its store.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -88,34 +89,53 @@ struct QuantizeE4M3 {
   }
 };
 
-// Grid: x covers the heads, rows_per_block of them per block; y covers the tokens (looping past
-// gridDim.y's 65535), so a thread finds its row with no division.
+// The three rows of one (token t, head h): where pack p of the concatenated row is read and written.
+// With N > 1 the last dims are unit-stride, so pack p of a row starts at element p * N.
+template <typename scalar_t, typename out_t, int N>
+struct RowAt {
+  const scalar_t* nope;
+  const scalar_t* pe;
+  out_t* out;
+  int64_t nope_packs, nope_step, pe_step, out_step;
+  __device__ RowAt(const scalar_t* nope_base, const scalar_t* pe_base, out_t* out_base, const RowGeometry& g,
+                   int64_t t, int64_t h)
+      : nope(nope_base + t * g.nope_s0 + h * g.nope_s1),
+        pe(pe_base + t * g.pe_s0 + h * g.pe_s1),
+        out(out_base + t * g.out_s0 + h * g.out_s1),
+        nope_packs(g.nope_packs),
+        nope_step(N > 1 ? N : g.nope_s2),
+        pe_step(N > 1 ? N : g.pe_s2),
+        out_step(N > 1 ? N : g.out_s2) {}
+  // One address selected per pack: no divergent branch between the two inputs.
+  __device__ const Pack<scalar_t, N>* src(int64_t p) const {
+    return reinterpret_cast<const Pack<scalar_t, N>*>(p < nope_packs ? nope + p * nope_step
+                                                                     : pe + (p - nope_packs) * pe_step);
+  }
+  __device__ Pack<out_t, N>* dst(int64_t p) const {
+    return reinterpret_cast<Pack<out_t, N>*>(out + p * out_step);
+  }
+};
+
+// Many rows. Grid: x covers the heads, blockDim.x / kThreadsPerRow of them per block; y covers the
+// tokens (looping past gridDim.y's 65535), so a thread finds its row with no division.
 template <typename scalar_t, int N, int kThreadsPerRow, int kPacksPerThread, typename Convert>
 __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
                                     typename Convert::out_t* __restrict__ out, const RowGeometry g,
                                     const typename Convert::Args args) {
-  using P = Pack<scalar_t, N>;
-  using OutP = Pack<typename Convert::out_t, N>;
-  // With N > 1 the last dims are unit-stride, so pack p of a row starts at element p * N.
-  const int64_t nope_step = N > 1 ? N : g.nope_s2;
-  const int64_t pe_step = N > 1 ? N : g.pe_s2;
-  const int64_t out_step = N > 1 ? N : g.out_s2;
   const int64_t h = int64_t(blockIdx.x) * (blockDim.x / kThreadsPerRow) + threadIdx.x / kThreadsPerRow;
   if (h >= g.heads) return;
   const int lane = threadIdx.x % kThreadsPerRow;
   const int64_t packs = g.nope_packs + g.pe_packs;
   for (int64_t t = blockIdx.y; t < g.tokens; t += gridDim.y) {
-    const scalar_t* nope_row = nope + t * g.nope_s0 + h * g.nope_s1;
-    const scalar_t* pe_row = pe + t * g.pe_s0 + h * g.pe_s1;
-    typename Convert::out_t* out_row = out + t * g.out_s0 + h * g.out_s1;
+    const RowAt<scalar_t, typename Convert::out_t, N> row(nope, pe, out, g, t, h);
     for (int64_t first = lane; first < packs; first += kThreadsPerRow * kPacksPerThread) {
-      P buf[kPacksPerThread];
+      Pack<scalar_t, N> buf[kPacksPerThread];
 #pragma unroll
       for (int i = 0; i < kPacksPerThread; ++i) {
         const int64_t p = first + i * kThreadsPerRow;
-        // One load per pack from a selected address: no divergent branch between the two inputs.
-        const scalar_t* src = p < g.nope_packs ? nope_row + p * nope_step : pe_row + (p - g.nope_packs) * pe_step;
-        if (p < packs) buf[i] = __ldg(reinterpret_cast<const P*>(src));
+        // The address outside the condition: computed inside it, the fp8 kernels ran 12% slower.
+        const Pack<scalar_t, N>* src = row.src(p);
+        if (p < packs) buf[i] = __ldg(src);
       }
       // Built here, once the data loads are in flight, so the fp8 conversion's scale load and
       // division overlap them instead of delaying them (a second memory round trip at 1 token).
@@ -123,9 +143,25 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
 #pragma unroll
       for (int i = 0; i < kPacksPerThread; ++i) {
         const int64_t p = first + i * kThreadsPerRow;
-        if (p < packs) __stwb(reinterpret_cast<OutP*>(out_row + p * out_step), convert(buf[i]));
+        if (p < packs) __stwb(row.dst(p), convert(buf[i]));
       }
     }
+  }
+}
+
+// Few rows (decode at 1-4 tokens): the time is latency, not bandwidth. One block per row (x: head,
+// y: token), one pack per thread, straight-line code; a loop only when a row has more packs than
+// the block has threads.
+template <typename scalar_t, int N, typename Convert>
+__global__ void concat_mla_q_row_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
+                                        typename Convert::out_t* __restrict__ out, const RowGeometry g,
+                                        const typename Convert::Args args) {
+  const RowAt<scalar_t, typename Convert::out_t, N> row(nope, pe, out, g, blockIdx.y, blockIdx.x);
+  const int64_t packs = g.nope_packs + g.pe_packs;
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack<scalar_t, N> x = __ldg(row.src(p));
+    const Convert convert(args);  // after the load, as above
+    __stwb(row.dst(p), convert(x));
   }
 }
 
@@ -145,12 +181,28 @@ template <typename scalar_t, typename Convert, int N>
 void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
             const typename Convert::Args& args, cudaStream_t stream) {
   constexpr int kThreadsPerRow = 32, kPacksPerThread = 4, kRowsPerBlock = 8, kMaxGridY = 65535;
+  constexpr int64_t kFewRows = 512, kMaxRowThreads = 1024;
   const RowGeometry g{
       q_out.size(0), q_out.size(1),
       ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
       q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
       q_out.stride(0), q_out.stride(1), q_out.stride(2),
       ql_nope.size(2) / N, q_pe.size(2) / N};
+  const auto* nope = ql_nope.const_data_ptr<scalar_t>();
+  const auto* pe = q_pe.const_data_ptr<scalar_t>();
+  auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
+  // Up to 512 rows (4 tokens of 128 heads) one row a block: 1.63 -> 1.34 us (bf16) and 1.87 -> 1.36
+  // us (fp8) at 1 token of 128 heads on the H100, and worse than the kernel below from 16 tokens
+  // of 128 heads (docs/perf-notes.md, v4).
+  if (g.tokens * g.heads <= kFewRows) {
+    const int64_t packs = g.nope_packs + g.pe_packs;
+    const int64_t threads = std::min(kMaxRowThreads, (packs + kThreadsPerRow - 1) / kThreadsPerRow * kThreadsPerRow);
+    concat_mla_q_row_kernel<scalar_t, N, Convert>
+        <<<dim3(static_cast<unsigned>(g.heads), static_cast<unsigned>(g.tokens)), static_cast<unsigned>(threads), 0,
+           stream>>>(nope, pe, out, g, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   // 8 rows (256 threads) a block, fewer when there are fewer heads. Measured on the H100 for 1 to
   // 1024 tokens: 4 or 8 rows a block are best everywhere; spreading decode-sized inputs over more
   // SMs with 1-row blocks cost up to 40% at 16-64 tokens (docs/perf-notes.md, v3).
@@ -159,9 +211,7 @@ void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out
   const dim3 grid(static_cast<unsigned>((g.heads + rows_per_block - 1) / rows_per_block),
                   static_cast<unsigned>(std::min<int64_t>(g.tokens, kMaxGridY)));
   concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread, Convert>
-      <<<grid, rows_per_block * kThreadsPerRow, 0, stream>>>(
-          ql_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
-          static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr()), g, args);
+      <<<grid, rows_per_block * kThreadsPerRow, 0, stream>>>(nope, pe, out, g, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -212,6 +212,15 @@ def shifted(offset: int, row_pad: int = 0):
     return layout
 
 
+# (nope_dim, rope_dim): widths that allow 8-, 4-, 2- and 1-element vectors; 1100 + 64 with a strided
+# last dim is a row of more packs than the CUDA kernel's one-row blocks have threads.
+WIDTHS = [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0), (1100, 64)]
+WIDTH_IDS = [f"{n}+{r}" for n, r in WIDTHS]
+
+# (tokens, heads): the CUDA kernels run up to 512 rows (tokens * heads) one block a row and more
+# rows a block each above that; these cover both launch paths and the boundary.
+ROW_COUNTS = [(1, 16), (4, 128), (513, 1), (7, 128), (300, 16)]
+
 # (nope layout, rope layout, out layout): which pack width each combination allows is in the id.
 ALIGNMENTS = [
     pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),

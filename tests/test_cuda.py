@@ -10,6 +10,9 @@ import torch
 from mla_helpers import (
     ALIGNMENTS,
     HALF_DTYPES,
+    ROW_COUNTS,
+    WIDTHS,
+    WIDTH_IDS,
     bits,
     check_rejected,
     check_writes_reference,
@@ -28,13 +31,9 @@ pytestmark = pytest.mark.cuda
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
 
-# (nope_dim, rope_dim): widths that allow 8-, 4-, 2- and 1-element vectors.
-WIDTHS = [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0)]
-
-
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("tokens, heads", [(1, 16), (300, 16), (7, 128)])
-@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=[f"{n}+{r}" for n, r in WIDTHS])
+@pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
+@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
 def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout, nope_dim, rope_dim,
                                              tokens, heads, dtype):

@@ -19,12 +19,15 @@ from torch._inductor.utils import run_and_get_code
 
 import vllm_mla_ops
 from mla_helpers import (
-    inductor_call_body,
     ALIGNMENTS,
     HALF_DTYPES,
+    ROW_COUNTS,
+    WIDTHS,
+    WIDTH_IDS,
     contiguous,
     heads_major,
     heads_stride_0,
+    inductor_call_body,
     inside_bigger,
     last_dim_stride_2,
     one_head,
@@ -628,13 +631,10 @@ def test_runs_on_the_current_stream_without_syncing():
         pytest.skip("inconclusive: the default stream finished first, so this run cannot tell the streams apart")
 
 
-WIDTHS = [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0)]
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("tokens, heads", [(1, 16), (300, 16), (7, 128)])
-@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=[f"{n}+{r}" for n, r in WIDTHS])
+@pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
+@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
 def test_misaligned_and_odd_widths(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, tokens, heads, dtype):
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
