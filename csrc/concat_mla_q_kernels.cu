@@ -191,8 +191,8 @@ void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out
   const auto* nope = ql_nope.const_data_ptr<scalar_t>();
   const auto* pe = q_pe.const_data_ptr<scalar_t>();
   auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
-  // Up to 512 rows (4 tokens of 128 heads) one row a block: 1.63 -> 1.34 us (bf16) and 1.87 -> 1.36
-  // us (fp8) at 1 token of 128 heads on the H100, and worse than the kernel below from 16 tokens
+  // Up to 512 rows (4 tokens of 128 heads) one row a block: at 1 token of 128 heads on the H100,
+  // 1.62 -> 1.52 us (bf16) and 1.87 -> 1.54 us (fp8); worse than the kernel below from 16 tokens
   // of 128 heads (docs/perf-notes.md, v4).
   if (g.tokens * g.heads <= kFewRows) {
     const int64_t packs = g.nope_packs + g.pe_packs;

@@ -12,12 +12,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
 from mla_helpers import (
-    inductor_call_body,
     bits,
     check_rejected,
     check_writes_reference,
     contiguous,
     heads_major,
+    inductor_call_body,
     inside_bigger,
     last_dim_stride_2,
     one_head,

@@ -55,21 +55,15 @@ def _nope_dtype_alone(bad):
     return case
 
 
-def _pe_dtype(bad):
+def _partner_dtype(name, bad):
+    """q_pe or q_out (name) of a bad dtype (None: the other half dtype); the rest valid."""
+    index, shape = {"q_pe": (1, (T, H, R)), "q_out": (2, (T, H, W))}[name]
+
     def case(device, dtype):
         bad_dtype = _other(dtype) if bad is None else bad
-        ql_nope, _, q_out = _valid(device, dtype)
-        return (ql_nope, random_bits((T, H, R), bad_dtype, device), q_out,
-                f"concat_mla_q: q_pe must have ql_nope's dtype {_name(dtype)}, got {_name(bad_dtype)}")
-    return case
-
-
-def _out_dtype(bad):
-    def case(device, dtype):
-        bad_dtype = _other(dtype) if bad is None else bad
-        ql_nope, q_pe, _ = _valid(device, dtype)
-        return (ql_nope, q_pe, random_bits((T, H, W), bad_dtype, device),
-                f"concat_mla_q: q_out must have ql_nope's dtype {_name(dtype)}, got {_name(bad_dtype)}")
+        args = list(_valid(device, dtype))
+        args[index] = random_bits(shape, bad_dtype, device)
+        return (*args, f"concat_mla_q: {name} must have ql_nope's dtype {_name(dtype)}, got {_name(bad_dtype)}")
     return case
 
 
@@ -168,12 +162,12 @@ BAD_INPUTS = [
     pytest.param(_nope_dtype(torch.uint8), id="nope-uint8"),
     pytest.param(_nope_dtype_alone(torch.float32), id="nope-float32-others-half"),
     pytest.param(_nope_dtype_alone(torch.int16), id="nope-int16-others-half"),
-    pytest.param(_pe_dtype(None), id="pe-other-half-dtype"),
-    pytest.param(_pe_dtype(torch.float32), id="pe-float32"),
-    pytest.param(_pe_dtype(torch.int16), id="pe-int16"),
-    pytest.param(_out_dtype(None), id="out-other-half-dtype"),
-    pytest.param(_out_dtype(torch.float32), id="out-float32"),
-    pytest.param(_out_dtype(torch.int16), id="out-int16"),
+    pytest.param(_partner_dtype("q_pe", None), id="pe-other-half-dtype"),
+    pytest.param(_partner_dtype("q_pe", torch.float32), id="pe-float32"),
+    pytest.param(_partner_dtype("q_pe", torch.int16), id="pe-int16"),
+    pytest.param(_partner_dtype("q_out", None), id="out-other-half-dtype"),
+    pytest.param(_partner_dtype("q_out", torch.float32), id="out-float32"),
+    pytest.param(_partner_dtype("q_out", torch.int16), id="out-int16"),
     pytest.param(_rank("ql_nope", (T * H, N)), id="nope-2d"),
     pytest.param(_rank("ql_nope", (1, T, H, N)), id="nope-4d"),
     pytest.param(_rank("q_pe", (T, R)), id="pe-2d"),

@@ -395,12 +395,22 @@ def run_case(case: Case, contenders: Sequence[Contender], methods: Sequence[Meth
     x = case_inputs(case, device)
     result = CaseResult(case, verify(x, contenders))
     if result.ok:
-        for method in methods:
-            result.seconds[method.name] = {c.name: method.timer(c.bind(x)) for c in contenders}
+        result.seconds = time_contenders(x, contenders, methods)
     del x
+    release_cached_memory(device)
+    return result
+
+
+def time_contenders(x: Inputs, contenders: Sequence[Contender],
+                    methods: Sequence[Method]) -> dict[str, dict[str, float]]:
+    """{method: {contender: seconds per call}} over one case's inputs."""
+    return {m.name: {c.name: m.timer(c.bind(x)) for c in contenders} for m in methods}
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Between cases: the next case's buffers should not inherit this one's cached blocks."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def run_cases(cases: Sequence[Case], contenders: Sequence[Contender], methods: Sequence[Method],
@@ -876,11 +886,9 @@ def run_fp8_case(case: Case, contenders: Sequence[Contender], methods: Sequence[
     result = CaseResult(case, list(failures.values()))
     if OURS not in failures:
         timed = [c for c in contenders if not failures.get(c.name, "").startswith(f"{c.name} raised")]
-        for method in methods:
-            result.seconds[method.name] = {c.name: method.timer(c.bind(x)) for c in timed}
+        result.seconds = time_contenders(x, timed, methods)
     del x
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_cached_memory(device)
     return result
 
 
