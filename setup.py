@@ -1,22 +1,36 @@
 """Build vllm_mla_ops: setuptools hands the extension to CMake (CMakeLists.txt), vLLM style.
 
+The libraries use torch's stable ABI only (floor TORCH_FLOOR) and Python's limited API, so one abi3
+wheel serves every Python from 3.10 and every torch from the floor up, whichever torch built it.
+
 Environment:
-  VLLM_MLA_OPS_TARGET    cpu | cuda (default: cuda when torch has CUDA and nvcc is found, else cpu).
-                         An explicit cuda that cannot be built fails; it never falls back to cpu.
-  TORCH_CUDA_ARCH_LIST   CUDA archs, torch's syntax ("9.0", "8.0;9.0+PTX"); default "9.0".
+  VLLM_MLA_OPS_TARGET    cpu | cuda (default: cuda when torch has CUDA and nvcc is found, else cpu,
+                         with a warning when torch has CUDA but no nvcc is found). An explicit cuda
+                         that cannot be built fails; it never falls back to cpu.
+  TORCH_CUDA_ARCH_LIST   CUDA archs, torch's syntax ("9.0", "8.0;9.0+PTX"); default: the GPUs
+                         visible at build time, else DEFAULT_CUDA_ARCHS.
   MAX_JOBS               parallel compile jobs (default: CPU count).
 """
 
+import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+VERSION = "0.2.0"
+TORCH_FLOOR = "2.11"
+# Ampere (A100), Ada (L40, RTX 40xx), Hopper (H100, H200), Blackwell data center (B200) and
+# consumer (RTX 50xx), with PTX of the newest so that later GPUs compile it at load time.
+DEFAULT_CUDA_ARCHS = "8.0;8.9;9.0;10.0;12.0+PTX"
 
 
 def find_nvcc() -> str | None:
@@ -45,7 +59,21 @@ def build_target(torch) -> str:
         raise RuntimeError("VLLM_MLA_OPS_TARGET=cuda, but no nvcc was found (set CUDA_HOME)")
     if target:
         return target
-    return "cuda" if torch.version.cuda is not None and find_nvcc() is not None else "cpu"
+    if torch.version.cuda is not None and find_nvcc() is None:
+        warnings.warn(f"vllm_mla_ops: torch {torch.__version__} has CUDA but no nvcc was found (set CUDA_HOME): "
+                      "building the CPU kernels only", stacklevel=1)
+        return "cpu"
+    return "cuda" if torch.version.cuda is not None else "cpu"
+
+
+def cuda_arch_list(torch) -> str:
+    """TORCH_CUDA_ARCH_LIST, else the archs of the GPUs visible now, else DEFAULT_CUDA_ARCHS."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        found = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in found)
+    return DEFAULT_CUDA_ARCHS
 
 
 def cuda_architectures(arch_list: str) -> str:
@@ -55,7 +83,7 @@ def cuda_architectures(arch_list: str) -> str:
         if not item:
             continue
         name = item.removesuffix("+PTX").replace(".", "")
-        if not name[:2].isdigit():
+        if not re.fullmatch(r"\d{2,3}[af]?", name):
             raise RuntimeError(f"TORCH_CUDA_ARCH_LIST entries look like 9.0, 9.0a or 9.0+PTX; got {item!r}")
         archs.append(f"{name}-real")
         if item.endswith("+PTX"):
@@ -63,37 +91,77 @@ def cuda_architectures(arch_list: str) -> str:
     return ";".join(archs)
 
 
+def nvcc_version(nvcc: str) -> str:
+    found = re.search(r"release (\d+)\.(\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                              text=True, check=True).stdout)
+    return f"{found.group(1)}.{found.group(2)}" if found else "unknown"
+
+
+def local_version() -> str:
+    """VERSION with the target as a local label (+cpu, +cu130), so the two builds' wheels differ."""
+    target = os.environ.get("VLLM_MLA_OPS_TARGET", "").strip().lower()
+    if target == "cpu" or (target != "cuda" and find_nvcc() is None):
+        return f"{VERSION}+cpu"
+    nvcc = find_nvcc()
+    if nvcc is None:  # an explicit cuda target without nvcc: the build itself will say so
+        return f"{VERSION}+cuda"
+    return f"{VERSION}+cu{nvcc_version(nvcc).replace('.', '')}"
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch
 
         target = build_target(torch)
-        output = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / f"cmake-{target}"
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch_dir = Path(torch.__file__).parent
+        # One persistent build folder per (Python, torch, target): re-running the build recompiles
+        # only what changed, also for editable installs, whose own build folders are temporary.
+        key = hashlib.sha256(f"{sys.executable}|{torch_dir}|{target}".encode()).hexdigest()[:10]
+        build_dir = ROOT / "build" / f"cmake-{target}-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0"
+        info = {"version": self.distribution.get_version(), "target": target, "torch_floor": TORCH_FLOOR,
+                "built_with_torch": torch.__version__, "cuda": None, "cuda_arch_list": None}
         args = [
             f"-DVLLM_MLA_OPS_TARGET={target}",
-            f"-DVLLM_MLA_OPS_OUTPUT={output}",
-            f"-DVLLM_MLA_OPS_TORCH_DIR={Path(torch.__file__).parent}",
-            f"-DVLLM_MLA_OPS_TORCH_VERSION={torch.__version__}",
-            f"-DVLLM_MLA_OPS_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DVLLM_MLA_OPS_OUTPUT_DIR={output_dir}",
+            f"-DVLLM_MLA_OPS_TORCH_DIR={torch_dir}",
+            f"-DVLLM_MLA_OPS_TORCH_FLOOR={TORCH_FLOOR}",
             f"-DPython_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         if target == "cuda":
-            args += [
-                f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
-                f"-DVLLM_MLA_OPS_CUDA_ARCHS={cuda_architectures(arch_list)}",
-            ]
+            nvcc = find_nvcc()
+            info["cuda"] = nvcc_version(nvcc)
+            info["cuda_arch_list"] = cuda_arch_list(torch)
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DVLLM_MLA_OPS_CUDA_ARCHS={cuda_architectures(info['cuda_arch_list'])}"]
         ninja = tool("ninja")
         if Path(ninja).is_file():
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        print(f"vllm_mla_ops: building target={target} for torch {torch.__version__}"
-              + (f", TORCH_CUDA_ARCH_LIST={arch_list}" if target == "cuda" else ""))
+        summary = (f"vllm_mla_ops {info['version']}: target={target}, torch floor {TORCH_FLOOR} "
+                   f"(building with torch {torch.__version__})"
+                   + (f", CUDA {info['cuda']}, TORCH_CUDA_ARCH_LIST={info['cuda_arch_list']}" if target == "cuda" else ""))
+        print(summary, file=sys.stderr)
         subprocess.run([tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run([tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
+        (output_dir / "_build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+        # Editable installs copy only the registered extension (_C) into the source tree: the CUDA
+        # library and the build info follow it here, and a CPU rebuild removes a stale CUDA library.
+        package_dir = ROOT / "vllm_mla_ops"
+        for folder in {output_dir, package_dir} if (self.editable_mode or self.inplace) else {output_dir}:
+            if target == "cpu":
+                (folder / "_C_cuda.so").unlink(missing_ok=True)
+            if folder != output_dir:
+                for name in ("_build_info.json", "_C_cuda.so"):
+                    if (output_dir / name).is_file():
+                        shutil.copy2(output_dir / name, folder / name)
 
-
-setup(ext_modules=[Extension("vllm_mla_ops._C", sources=[])], cmdclass={"build_ext": CMakeBuild})
+setup(
+    version=local_version(),
+    ext_modules=[Extension("vllm_mla_ops._C", sources=[], py_limited_api=True)],
+    cmdclass={"build_ext": CMakeBuild},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

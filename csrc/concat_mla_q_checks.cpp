@@ -1,6 +1,13 @@
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
+// The validator of both ops (every backend calls it before touching memory), and the formatting of
+// its messages: the Python spelling of dtypes, devices and shapes, as the fake implementation
+// prints them.
+#include <torch/csrc/stable/c/shim.h>
+#include <torch/headeronly/core/DeviceType.h>
+#include <torch/headeronly/core/ScalarType.h>
 
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 
 #include "mem_overlap.h"
@@ -8,67 +15,165 @@
 
 namespace {
 
-// The Python spelling ("torch.bfloat16"), so messages read the same as the fake implementation's.
-std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+using torch::headeronly::ScalarType;
 
-void check_rank3(const char* op, const at::Tensor& t, const char* name, const char* dims) {
-  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D ", dims, ", got ", t.dim(), "-D with shape ",
-              t.sizes());
+// TORCH_CHECK's shape: the message is the arguments streamed together, raised as RuntimeError.
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream message;
+  (message << ... << args);
+  throw std::runtime_error(message.str());
+}
+#define MLA_CHECK(cond, ...) \
+  if (!(cond)) fail(__VA_ARGS__)
+
+std::string dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Half: return "torch.float16";
+    case ScalarType::BFloat16: return "torch.bfloat16";
+    case ScalarType::Float: return "torch.float32";
+    case ScalarType::Double: return "torch.float64";
+    case ScalarType::Byte: return "torch.uint8";
+    case ScalarType::Char: return "torch.int8";
+    case ScalarType::Short: return "torch.int16";
+    case ScalarType::Int: return "torch.int32";
+    case ScalarType::Long: return "torch.int64";
+    case ScalarType::Bool: return "torch.bool";
+    case ScalarType::ComplexHalf: return "torch.complex32";
+    case ScalarType::ComplexFloat: return "torch.complex64";
+    case ScalarType::ComplexDouble: return "torch.complex128";
+    case ScalarType::Float8_e4m3fn: return "torch.float8_e4m3fn";
+    case ScalarType::Float8_e5m2: return "torch.float8_e5m2";
+    case ScalarType::Float8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case ScalarType::Float8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    default: return std::string("torch.") + torch::headeronly::toString(t);
+  }
 }
 
-void check_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ql_nope) {
-  TORCH_CHECK(t.device() == ql_nope.device(), op, ": ", name, " must be on ql_nope's device ",
-              ql_nope.device(), ", got ", t.device());
+std::string device_name(const torch::stable::Device& d) {
+  std::string name = d.type() == torch::headeronly::DeviceType::CUDA ? "cuda"
+                     : d.type() == torch::headeronly::DeviceType::CPU ? "cpu"
+                                                                      : "device";
+  return d.has_index() && !d.is_cpu() ? name + ":" + std::to_string(d.index()) : name;
+}
+
+template <typename Ints>
+std::string list(const Ints& values) {
+  std::string text = "[";
+  for (size_t i = 0; i < values.size(); ++i) text += (i ? ", " : "") + std::to_string(values[i]);
+  return text + "]";
+}
+
+void check_rank3(const char* op, const Tensor& t, const char* name, const char* dims) {
+  MLA_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D ", dims, ", got ", t.dim(), "-D with shape ",
+            list(t.sizes()));
+}
+
+void check_device(const char* op, const Tensor& t, const char* name, const Tensor& ql_nope) {
+  MLA_CHECK(t.device() == ql_nope.device(), op, ": ", name, " must be on ql_nope's device ",
+            device_name(ql_nope.device()), ", got ", device_name(t.device()));
+}
+
+int64_t storage_bytes(const Tensor& t) {
+  int64_t bytes = 0;
+  if (aoti_torch_get_storage_size(t.get(), &bytes) != AOTI_TORCH_SUCCESS) return -1;
+  return bytes;
+}
+
+// The view as the overlap search takes it, once it is known to lie inside its storage.
+// A view addresses elements [storage_offset, storage_offset + sum (size - 1) * stride] of its
+// storage; computed in 128 bits, since sizes and strides of size-1 or stride-0 dims may be huge.
+vllm_mla_ops::View checked_view(const char* op, const Tensor& t, const char* name) {
+  __int128 last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) last += static_cast<__int128>(t.size(d) - 1) * t.stride(d);
+  }
+  const auto item = static_cast<int64_t>(t.element_size());
+  const __int128 needed = (last + 1) * item;
+  const int64_t available = storage_bytes(t);
+  MLA_CHECK(needed <= available, op, ": ", name, " addresses bytes past the end of its storage (shape ",
+            list(t.sizes()), ", strides ", list(t.strides()), ", storage offset ", t.storage_offset(),
+            ": needs ", needed > INT64_MAX ? std::string("over 2^63") : std::to_string(static_cast<int64_t>(needed)),
+            " bytes, the storage holds ", available,
+            "); was the storage resized after the view was made?");
+  vllm_mla_ops::View view{reinterpret_cast<intptr_t>(t.const_data_ptr()), item, {}, {}};
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    view.sizes.push_back(t.size(d));
+    view.strides.push_back(t.stride(d));
+  }
+  return view;
+}
+
+void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Tensor& input, const char* name) {
+  if (input.numel() == 0) return;
+  switch (vllm_mla_ops::overlap(out, checked_view(op, input, name))) {
+    case vllm_mla_ops::Overlap::kNo:
+      return;
+    case vllm_mla_ops::Overlap::kYes:
+      fail(op, ": q_out must not overlap ", name, " in memory, got views that share bytes");
+    case vllm_mla_ops::Overlap::kUndecided:
+      fail(op, ": could not decide within the search bound whether q_out and ", name,
+           " share bytes (q_out strides ", list(out.strides), ", ", name, " strides ", list(input.strides()),
+           "); pass a contiguous ", name, " (", name, ".contiguous()) or a contiguous q_out");
+  }
 }
 
 }  // namespace
 
-void check_concat_mla_q_args(const at::Tensor& ql_nope, const at::Tensor& q_pe, const at::Tensor& q_out,
-                             const std::optional<at::Tensor>& scale) {
+void check_concat_mla_q_args(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
+                             const std::optional<Tensor>& scale) {
   const char* op = scale ? "concat_mla_q_fp8" : "concat_mla_q";
   // Kernels read 2-byte elements; any other width would be copied wrongly, so it never gets in.
-  const at::ScalarType dtype = ql_nope.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": ql_nope must be float16 or bfloat16 dtype, got ", dtype_name(dtype));
+  const ScalarType dtype = ql_nope.scalar_type();
+  MLA_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, op,
+            ": ql_nope must be float16 or bfloat16 dtype, got ", dtype_name(dtype));
   check_rank3(op, ql_nope, "ql_nope", "[tokens, heads, nope_dim]");
   check_rank3(op, q_pe, "q_pe", "[tokens, heads or 1, rope_dim]");
   check_rank3(op, q_out, "q_out", "[tokens, heads, nope_dim + rope_dim]");
-  TORCH_CHECK(q_pe.scalar_type() == dtype, op, ": q_pe must have ql_nope's dtype ", dtype_name(dtype),
-              ", got ", dtype_name(q_pe.scalar_type()));
+  MLA_CHECK(q_pe.scalar_type() == dtype, op, ": q_pe must have ql_nope's dtype ", dtype_name(dtype), ", got ",
+            dtype_name(q_pe.scalar_type()));
   if (scale) {
-    TORCH_CHECK(q_out.scalar_type() == at::kFloat8_e4m3fn, op, ": q_out must be torch.float8_e4m3fn, got ",
-                dtype_name(q_out.scalar_type()));
+    MLA_CHECK(q_out.scalar_type() == ScalarType::Float8_e4m3fn, op, ": q_out must be torch.float8_e4m3fn, got ",
+              dtype_name(q_out.scalar_type()));
   } else {
-    TORCH_CHECK(q_out.scalar_type() == dtype, op, ": q_out must have ql_nope's dtype ", dtype_name(dtype),
-                ", got ", dtype_name(q_out.scalar_type()));
+    MLA_CHECK(q_out.scalar_type() == dtype, op, ": q_out must have ql_nope's dtype ", dtype_name(dtype),
+              ", got ", dtype_name(q_out.scalar_type()));
   }
   check_device(op, q_pe, "q_pe", ql_nope);
   check_device(op, q_out, "q_out", ql_nope);
 
   const int64_t tokens = ql_nope.size(0), heads = ql_nope.size(1);
   const int64_t nope_dim = ql_nope.size(2), rope_dim = q_pe.size(2);
-  TORCH_CHECK(q_pe.size(0) == tokens && (q_pe.size(1) == heads || q_pe.size(1) == 1), op,
-              ": q_pe must be [tokens, heads or 1, rope_dim] with tokens=", tokens, " and heads=", heads,
-              " from ql_nope, got shape ", q_pe.sizes());
-  TORCH_CHECK(q_out.size(0) == tokens && q_out.size(1) == heads && q_out.size(2) == nope_dim + rope_dim, op,
-              ": q_out must be [tokens, heads, nope_dim + rope_dim] = [", tokens, ", ", heads, ", ",
-              nope_dim + rope_dim, "], got shape ", q_out.sizes());
+  MLA_CHECK(q_pe.size(0) == tokens && (q_pe.size(1) == heads || q_pe.size(1) == 1), op,
+            ": q_pe must be [tokens, heads or 1, rope_dim] with tokens=", tokens, " and heads=", heads,
+            " from ql_nope, got shape ", list(q_pe.sizes()));
+  int64_t width = 0;
+  MLA_CHECK(!__builtin_add_overflow(nope_dim, rope_dim, &width), op, ": nope_dim + rope_dim = ", nope_dim,
+            " + ", rope_dim, " overflows int64");
+  MLA_CHECK(q_out.size(0) == tokens && q_out.size(1) == heads && q_out.size(2) == width, op,
+            ": q_out must be [tokens, heads, nope_dim + rope_dim] = [", tokens, ", ", heads, ", ", width,
+            "], got shape ", list(q_out.sizes()));
   if (scale) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat, op, ": scale must be a torch.float32 tensor, got ",
-                dtype_name(scale->scalar_type()));
-    TORCH_CHECK(scale->numel() == 1, op, ": scale must have one element (a per-tensor scale), got shape ",
-                scale->sizes());
+    MLA_CHECK(scale->scalar_type() == ScalarType::Float, op, ": scale must be a torch.float32 tensor, got ",
+              dtype_name(scale->scalar_type()));
+    MLA_CHECK(scale->numel() == 1, op, ": scale must have one element (a per-tensor scale), got shape ",
+              list(scale->sizes()));
     check_device(op, *scale, "scale", ql_nope);
   }
 
-  TORCH_CHECK(!vllm_mla_ops::has_internal_overlap(q_out), op, ": q_out must not overlap itself, got shape ",
-              q_out.sizes(), " with strides ", q_out.strides(), ", which address one element from two indices");
-  TORCH_CHECK(!vllm_mla_ops::overlaps(q_out, ql_nope), op,
-              ": q_out must not overlap ql_nope in memory, got views that share bytes");
-  TORCH_CHECK(!vllm_mla_ops::overlaps(q_out, q_pe), op,
-              ": q_out must not overlap q_pe in memory, got views that share bytes");
-  if (scale) {
-    TORCH_CHECK(!vllm_mla_ops::overlaps(q_out, *scale), op,
-                ": q_out must not overlap scale in memory, got views that share bytes");
+  if (q_out.numel() == 0) return;  // nothing is written, so nothing can collide
+  const vllm_mla_ops::View out = checked_view(op, q_out, "q_out");
+  switch (vllm_mla_ops::internal_overlap(out)) {
+    case vllm_mla_ops::Overlap::kNo:
+      break;
+    case vllm_mla_ops::Overlap::kYes:
+      fail(op, ": q_out must not overlap itself, got shape ", list(q_out.sizes()), " with strides ",
+           list(q_out.strides()), ", which address one element from two indices");
+    case vllm_mla_ops::Overlap::kUndecided:
+      fail(op, ": could not decide within the search bound whether q_out (shape ", list(q_out.sizes()),
+           ", strides ", list(q_out.strides()), ") addresses an element twice; pass a contiguous q_out");
   }
+  check_no_overlap(op, out, ql_nope, "ql_nope");
+  check_no_overlap(op, out, q_pe, "q_pe");
+  if (scale) check_no_overlap(op, out, *scale, "scale");
 }

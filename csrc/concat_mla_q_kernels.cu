@@ -1,14 +1,14 @@
-// CUDA kernels of concat_mla_q and concat_mla_q_fp8. Many rows: a group of kThreadsPerRow threads
-// handles one (token, head) row and each thread loads all of its packs of a pass before it stores
-// any, so its loads are in flight together. Few rows: one block a row, one pack a thread. Both share
-// the row addressing (RowAt); the two ops differ only in the conversion applied to a pack between
-// its load and its store.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// CUDA kernels of concat_mla_q and concat_mla_q_fp8: one kernel template over a flat index of the
+// output's packs (vectors of N elements); the two ops differ only in the conversion applied to a
+// pack between its load and its store.
 #include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/macros.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 
@@ -29,15 +29,6 @@ template <> struct PackOf<2> { using type = uint16_t; };
 template <> struct PackOf<1> { using type = uint8_t; };
 template <typename T, int N>
 using Pack = typename PackOf<sizeof(T) * N>::type;
-
-// Row geometry with strides in elements. When N > 1 the last-dim strides are 1 (host-checked).
-struct RowGeometry {
-  int64_t tokens, heads;
-  int64_t nope_s0, nope_s1, nope_s2;
-  int64_t pe_s0, pe_s1, pe_s2;  // pe_s1 == 0 for a 1-head q_pe
-  int64_t out_s0, out_s1, out_s2;
-  int64_t nope_packs, pe_packs;  // a row may pass 2^31 elements
-};
 
 // What each conversion reads besides the tensors, passed by value to the kernel.
 struct NoArgs {};
@@ -89,85 +80,91 @@ struct QuantizeE4M3 {
   }
 };
 
-// The three rows of one (token t, head h): where pack p of the concatenated row is read and written.
-// With N > 1 the last dims are unit-stride, so pack p of a row starts at element p * N.
-template <typename scalar_t, typename out_t, int N>
-struct RowAt {
-  const scalar_t* nope;
-  const scalar_t* pe;
-  out_t* out;
-  int64_t nope_packs, nope_step, pe_step, out_step;
-  __device__ RowAt(const scalar_t* nope_base, const scalar_t* pe_base, out_t* out_base, const RowGeometry& g,
-                   int64_t t, int64_t h)
-      : nope(nope_base + t * g.nope_s0 + h * g.nope_s1),
-        pe(pe_base + t * g.pe_s0 + h * g.pe_s1),
-        out(out_base + t * g.out_s0 + h * g.out_s1),
-        nope_packs(g.nope_packs),
-        nope_step(N > 1 ? N : g.nope_s2),
-        pe_step(N > 1 ? N : g.pe_s2),
-        out_step(N > 1 ? N : g.out_s2) {}
-  // One address selected per pack: no divergent branch between the two inputs.
-  __device__ const Pack<scalar_t, N>* src(int64_t p) const {
-    return reinterpret_cast<const Pack<scalar_t, N>*>(p < nope_packs ? nope + p * nope_step
-                                                                     : pe + (p - nope_packs) * pe_step);
+// Division by a divisor fixed for the whole launch, as a multiply and a shift (Granlund and
+// Montgomery): exact for numerators below 2^31, which the 32-bit index path guarantees.
+struct FastDivmod {
+  uint32_t divisor, multiplier, shift;
+  explicit FastDivmod(uint32_t d) : divisor(d), shift(0) {
+    while ((uint64_t{1} << shift) < d) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
   }
-  __device__ Pack<out_t, N>* dst(int64_t p) const {
-    return reinterpret_cast<Pack<out_t, N>*>(out + p * out_step);
+  __device__ uint32_t div(uint32_t n) const { return (__umulhi(n, multiplier) + n) >> shift; }
+};
+
+// The launch's geometry, strides in elements. When N > 1 the last-dim strides are 1 (host-checked).
+struct Geometry {
+  int64_t nope_s0, nope_s1, nope_s2;
+  int64_t pe_s0, pe_s1, pe_s2;  // pe_s1 == 0 for a 1-head q_pe
+  int64_t out_s0, out_s1, out_s2;
+  int64_t nope_packs, packs, heads;  // packs: per (token, head) row, nope and rope
+  int64_t total;                     // tokens * heads * packs
+};
+
+// Where flat pack i of the output is read and written: i = (t * heads + h) * packs + p. Index is
+// uint32_t (fast divisions) when every flat index stays below 2^31, else int64_t (plain divisions).
+template <typename scalar_t, typename out_t, int N, typename Index>
+struct PackAt {
+  const scalar_t* src;
+  out_t* dst;
+  __device__ PackAt(const scalar_t* nope, const scalar_t* pe, out_t* out, const Geometry& g, const FastDivmod& packs,
+                    const FastDivmod& heads, Index i) {
+    Index row, t;
+    if constexpr (sizeof(Index) == 4) {
+      row = packs.div(i);
+      t = heads.div(row);
+    } else {
+      row = i / g.packs;
+      t = row / g.heads;
+    }
+    const int64_t p = i - row * static_cast<Index>(g.packs);
+    const int64_t h = row - t * static_cast<Index>(g.heads);
+    // One address selected per pack: no divergent branch between the two inputs.
+    src = p < g.nope_packs ? nope + t * g.nope_s0 + h * g.nope_s1 + p * (N > 1 ? N : g.nope_s2)
+                           : pe + t * g.pe_s0 + h * g.pe_s1 + (p - g.nope_packs) * (N > 1 ? N : g.pe_s2);
+    dst = out + t * g.out_s0 + h * g.out_s1 + p * (N > 1 ? N : g.out_s2);
   }
 };
 
-// Many rows. Grid: x covers the heads, blockDim.x / kThreadsPerRow of them per block; y covers the
-// tokens (looping past gridDim.y's 65535), so a thread finds its row with no division.
-template <typename scalar_t, int N, int kThreadsPerRow, int kPacksPerThread, typename Convert>
+// One flat index over the output's packs, whatever the widths (a K-side row of 24 packs keeps
+// every lane busy as a Q-side row of 72 does). Consecutive threads take consecutive packs, so the
+// stores of a warp are contiguous in a contiguous q_out and the loads contiguous within each row.
+// Each thread issues all of its kPacksPerThread loads before its first store, so they are in flight
+// together; the grid loops when it cannot cover the output in one pass.
+template <typename scalar_t, int N, typename Index, int kPacksPerThread, typename Convert>
 __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
-                                    typename Convert::out_t* __restrict__ out, const RowGeometry g,
+                                    typename Convert::out_t* __restrict__ out, const Geometry g,
+                                    const FastDivmod packs, const FastDivmod heads,
                                     const typename Convert::Args args) {
-  const int64_t h = int64_t(blockIdx.x) * (blockDim.x / kThreadsPerRow) + threadIdx.x / kThreadsPerRow;
-  if (h >= g.heads) return;
-  const int lane = threadIdx.x % kThreadsPerRow;
-  const int64_t packs = g.nope_packs + g.pe_packs;
-  for (int64_t t = blockIdx.y; t < g.tokens; t += gridDim.y) {
-    const RowAt<scalar_t, typename Convert::out_t, N> row(nope, pe, out, g, t, h);
-    for (int64_t first = lane; first < packs; first += kThreadsPerRow * kPacksPerThread) {
-      Pack<scalar_t, N> buf[kPacksPerThread];
+  using At = PackAt<scalar_t, typename Convert::out_t, N, Index>;
+  const Index step = static_cast<Index>(gridDim.x) * blockDim.x * kPacksPerThread;
+  for (Index first = static_cast<Index>(blockIdx.x) * blockDim.x * kPacksPerThread + threadIdx.x;
+       first < static_cast<Index>(g.total); first += step) {
+    Pack<scalar_t, N> buf[kPacksPerThread];
+    typename Convert::out_t* dst[kPacksPerThread];
 #pragma unroll
-      for (int i = 0; i < kPacksPerThread; ++i) {
-        const int64_t p = first + i * kThreadsPerRow;
-        // The address outside the condition: computed inside it, the fp8 kernels ran 12% slower.
-        const Pack<scalar_t, N>* src = row.src(p);
-        if (p < packs) buf[i] = __ldg(src);
+    for (int j = 0; j < kPacksPerThread; ++j) {
+      const Index i = first + static_cast<Index>(j) * blockDim.x;
+      if (i < static_cast<Index>(g.total)) {
+        const At at(nope, pe, out, g, packs, heads, i);
+        buf[j] = __ldg(reinterpret_cast<const Pack<scalar_t, N>*>(at.src));
+        dst[j] = at.dst;
       }
-      // Built here, once the data loads are in flight, so the fp8 conversion's scale load and
-      // division overlap them instead of delaying them (a second memory round trip at 1 token).
-      const Convert convert(args);
+    }
+    // Built here, once the data loads are in flight, so the fp8 conversion's scale load and
+    // division overlap them instead of delaying them.
+    const Convert convert(args);
 #pragma unroll
-      for (int i = 0; i < kPacksPerThread; ++i) {
-        const int64_t p = first + i * kThreadsPerRow;
-        if (p < packs) __stwb(row.dst(p), convert(buf[i]));
+    for (int j = 0; j < kPacksPerThread; ++j) {
+      if (first + static_cast<Index>(j) * blockDim.x < static_cast<Index>(g.total)) {
+        __stwb(reinterpret_cast<Pack<typename Convert::out_t, N>*>(dst[j]), convert(buf[j]));
       }
     }
   }
 }
 
-// Few rows (decode at 1-4 tokens): the time is latency, not bandwidth. One block per row (x: head,
-// y: token), one pack per thread, straight-line code; a loop only when a row has more packs than
-// the block has threads.
-template <typename scalar_t, int N, typename Convert>
-__global__ void concat_mla_q_row_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
-                                        typename Convert::out_t* __restrict__ out, const RowGeometry g,
-                                        const typename Convert::Args args) {
-  const RowAt<scalar_t, typename Convert::out_t, N> row(nope, pe, out, g, blockIdx.y, blockIdx.x);
-  const int64_t packs = g.nope_packs + g.pe_packs;
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    const Pack<scalar_t, N> x = __ldg(row.src(p));
-    const Convert convert(args);  // after the load, as above
-    __stwb(row.dst(p), convert(x));
-  }
-}
-
 // Whether every row of t splits into aligned packs of n elements: the width divides, the last dim
 // is unit-stride, and the base and the strides of the dims that vary keep each row aligned.
-bool rows_split_into_packs(const at::Tensor& t, int64_t n) {
+bool rows_split_into_packs(const Tensor& t, int64_t n) {
   const auto bytes = static_cast<uintptr_t>(n * t.element_size());
   if (t.size(2) % n != 0 || (t.size(2) > 1 && t.stride(2) != 1)) return false;
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes != 0) return false;
@@ -178,80 +175,87 @@ bool rows_split_into_packs(const at::Tensor& t, int64_t n) {
 }
 
 template <typename scalar_t, typename Convert, int N>
-void launch(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
-            const typename Convert::Args& args, cudaStream_t stream) {
-  constexpr int kThreadsPerRow = 32, kPacksPerThread = 4, kRowsPerBlock = 8, kMaxGridY = 65535;
-  constexpr int64_t kFewRows = 512, kMaxRowThreads = 1024;
-  const RowGeometry g{
-      q_out.size(0), q_out.size(1),
-      ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
-      q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
-      q_out.stride(0), q_out.stride(1), q_out.stride(2),
-      ql_nope.size(2) / N, q_pe.size(2) / N};
-  const auto* nope = ql_nope.const_data_ptr<scalar_t>();
-  const auto* pe = q_pe.const_data_ptr<scalar_t>();
+void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
+            cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  // Up to kSmallOutput packs (about 30 tokens of 128 heads) a thread takes one pack and the blocks
+  // spread over the SMs: the time is latency. Above, four packs a thread keep more bytes in flight
+  // per thread with a quarter of the blocks.
+  constexpr int64_t kSmallOutput = int64_t{1} << 18, kMaxBlocks = int64_t{1} << 30;
+  const int64_t tokens = q_out.size(0), heads = q_out.size(1);
+  const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N;
+  const Geometry g{ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
+                   q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
+                   q_out.stride(0), q_out.stride(1), q_out.stride(2),
+                   ql_nope.size(2) / N, packs, heads, tokens * heads * packs};
+  const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
+  const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
   auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
-  // Up to 512 rows (4 tokens of 128 heads) one row a block: at 1 token of 128 heads on the H100,
-  // 1.62 -> 1.52 us (bf16) and 1.87 -> 1.54 us (fp8); worse than the kernel below from 16 tokens
-  // of 128 heads (docs/perf-notes.md, v4).
-  if (g.tokens * g.heads <= kFewRows) {
-    const int64_t packs = g.nope_packs + g.pe_packs;
-    const int64_t threads = std::min(kMaxRowThreads, (packs + kThreadsPerRow - 1) / kThreadsPerRow * kThreadsPerRow);
-    concat_mla_q_row_kernel<scalar_t, N, Convert>
-        <<<dim3(static_cast<unsigned>(g.heads), static_cast<unsigned>(g.tokens)), static_cast<unsigned>(threads), 0,
-           stream>>>(nope, pe, out, g, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+  const auto run = [&](auto packs_per_thread, auto index) {
+    constexpr int kPacks = decltype(packs_per_thread)::value;
+    using Index = decltype(index);
+    const int64_t blocks = std::min(kMaxBlocks, (g.total + kThreads * kPacks - 1) / (kThreads * kPacks));
+    // A 64-bit launch never uses the divisors; they only need to be valid numbers.
+    const FastDivmod packs_div(static_cast<uint32_t>(std::min<int64_t>(packs, UINT32_MAX)));
+    const FastDivmod heads_div(static_cast<uint32_t>(std::min<int64_t>(heads, UINT32_MAX)));
+    concat_mla_q_kernel<scalar_t, N, Index, kPacks, Convert><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        nope, pe, out, g, packs_div, heads_div, args);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  // 32-bit indices while first + step (under twice the total) stays below 2^31.
+  if (g.total >= (int64_t{1} << 30)) {
+    run(std::integral_constant<int, 4>{}, int64_t{});
+  } else if (g.total > kSmallOutput) {
+    run(std::integral_constant<int, 4>{}, uint32_t{});
+  } else {
+    run(std::integral_constant<int, 1>{}, uint32_t{});
   }
-  // 8 rows (256 threads) a block, fewer when there are fewer heads. Measured on the H100 for 1 to
-  // 1024 tokens: 4 or 8 rows a block are best everywhere; spreading decode-sized inputs over more
-  // SMs with 1-row blocks cost up to 40% at 16-64 tokens (docs/perf-notes.md, v3).
-  int64_t rows_per_block = kRowsPerBlock;
-  while (rows_per_block > g.heads) rows_per_block /= 2;
-  const dim3 grid(static_cast<unsigned>((g.heads + rows_per_block - 1) / rows_per_block),
-                  static_cast<unsigned>(std::min<int64_t>(g.tokens, kMaxGridY)));
-  concat_mla_q_kernel<scalar_t, N, kThreadsPerRow, kPacksPerThread, Convert>
-      <<<grid, rows_per_block * kThreadsPerRow, 0, stream>>>(nope, pe, out, g, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Both ops, on the current stream: the widest pack that every row of the three tensors splits into
 // (16 bytes of input for the 512/64 and 256/32 layouts, down to one element for any other layout).
 template <typename scalar_t, typename Convert>
-void concat_rows(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
+void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
                  const typename Convert::Args& args) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(ql_nope.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+                  "could not get the current CUDA stream");
   const auto packable = [&](int64_t n) {
     return rows_split_into_packs(ql_nope, n) && rows_split_into_packs(q_pe, n) && rows_split_into_packs(q_out, n);
   };
   if (packable(8)) {
-    launch<scalar_t, Convert, 8>(ql_nope, q_pe, q_out, args, stream);
+    launch<scalar_t, Convert, 8>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
   } else if (packable(4)) {
-    launch<scalar_t, Convert, 4>(ql_nope, q_pe, q_out, args, stream);
+    launch<scalar_t, Convert, 4>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
   } else if (packable(2)) {
-    launch<scalar_t, Convert, 2>(ql_nope, q_pe, q_out, args, stream);
+    launch<scalar_t, Convert, 2>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
   } else {
-    launch<scalar_t, Convert, 1>(ql_nope, q_pe, q_out, args, stream);
+    launch<scalar_t, Convert, 1>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
   }
 }
 
-}  // namespace
-
-void concat_mla_q_cuda(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out) {
+void concat_mla_q_cuda(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
   check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
-  const at::cuda::OptionalCUDAGuard device_guard(ql_nope.device());
+  const torch::stable::accelerator::DeviceGuard device_guard(ql_nope.get_device_index());
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
     concat_rows<scalar_t, Copy<scalar_t>>(ql_nope, q_pe, q_out, NoArgs{});
   });
 }
 
-void concat_mla_q_fp8_cuda(const at::Tensor& ql_nope, const at::Tensor& q_pe, at::Tensor& q_out,
-                           const at::Tensor& scale) {
+void concat_mla_q_fp8_cuda(Tensor ql_nope, Tensor q_pe, Tensor q_out, Tensor scale) {
   check_concat_mla_q_args(ql_nope, q_pe, q_out, scale);
   if (q_out.numel() == 0) return;
-  const at::cuda::OptionalCUDAGuard device_guard(ql_nope.device());
+  const torch::stable::accelerator::DeviceGuard device_guard(ql_nope.get_device_index());
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
-    concat_rows<scalar_t, QuantizeE4M3<scalar_t>>(ql_nope, q_pe, q_out, ScaleArgs{scale.const_data_ptr<float>()});
+    concat_rows<scalar_t, QuantizeE4M3<scalar_t>>(ql_nope, q_pe, q_out,
+                                                   ScaleArgs{static_cast<const float*>(scale.const_data_ptr())});
   });
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(_C, CUDA, m) {
+  m.impl("concat_mla_q", TORCH_BOX(&concat_mla_q_cuda));
+  m.impl("concat_mla_q_fp8", TORCH_BOX(&concat_mla_q_fp8_cuda));
 }

@@ -1,11 +1,8 @@
 #include "mem_overlap.h"
 
-#include <ATen/MemoryOverlap.h>
-
 #include <algorithm>
-#include <cstdint>
 #include <numeric>
-#include <vector>
+#include <utility>
 
 namespace vllm_mla_ops {
 namespace {
@@ -26,11 +23,11 @@ struct Term {
 // Terms with equal coefficients merge into one (so two views of one buffer with the same row
 // stride reduce to a single row-difference unknown); the search then goes depth-first, largest
 // coefficient first, and keeps only the values the remaining terms can still complete (their
-// interval of reachable sums and the gcd of their coefficients). It is exact; for views whose
-// strides nest, each level has one or two candidates.
+// interval of reachable sums and the gcd of their coefficients). For views whose strides nest,
+// each level has one or two candidates; `steps` bounds the total work of adversarial ones.
 class BoundedSum {
  public:
-  explicit BoundedSum(const std::vector<Term>& terms) {
+  BoundedSum(const std::vector<Term>& terms, int64_t& steps) : steps_(steps) {
     for (Term t : terms) {
       if (t.lo > t.hi) empty_ = true;
       if (t.coef < 0) t = {-t.coef, -t.hi, -t.lo};
@@ -55,10 +52,15 @@ class BoundedSum {
     }
   }
 
-  bool hits(int64_t lo, int64_t hi) const { return !empty_ && search(0, lo, hi); }
+  Overlap hits(int64_t lo, int64_t hi) {
+    if (empty_) return Overlap::kNo;
+    if (search(0, lo, hi)) return Overlap::kYes;
+    return steps_ > kMaxSteps ? Overlap::kUndecided : Overlap::kNo;
+  }
 
  private:
-  bool search(size_t k, int64_t lo, int64_t hi) const {
+  bool search(size_t k, int64_t lo, int64_t hi) {
+    if (++steps_ > kMaxSteps) return false;
     if (hi < rest_min_[k] || lo > rest_max_[k]) return false;
     if (k == terms_.size()) return true;
     // Every sum of the remaining terms is a multiple of their gcd.
@@ -67,23 +69,55 @@ class BoundedSum {
     const Term& t = terms_[k];
     const int64_t x_lo = std::max(t.lo, ceil_div(lo - rest_max_[k + 1], t.coef));
     const int64_t x_hi = std::min(t.hi, floor_div(hi - rest_min_[k + 1], t.coef));
-    for (int64_t x = x_lo; x <= x_hi; ++x) {
+    for (int64_t x = x_lo; x <= x_hi && steps_ <= kMaxSteps; ++x) {
       if (search(k + 1, lo - t.coef * x, hi - t.coef * x)) return true;
     }
     return false;
   }
 
+  int64_t& steps_;
   bool empty_ = false;
   std::vector<Term> terms_;
   std::vector<int64_t> rest_min_, rest_max_, rest_gcd_;
 };
 
-// [first byte, one past the last byte] that a non-empty view addresses.
-std::pair<int64_t, int64_t> byte_span(const at::Tensor& t) {
-  int64_t begin = reinterpret_cast<intptr_t>(t.const_data_ptr());
-  int64_t end = begin + static_cast<int64_t>(t.element_size());
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    const int64_t extent = (t.size(d) - 1) * t.stride(d) * static_cast<int64_t>(t.element_size());
+// The (stride, size) pairs of the dims that vary, by increasing stride.
+std::vector<std::pair<int64_t, int64_t>> varying_dims(const View& v) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (size_t d = 0; d < v.sizes.size(); ++d) {
+    if (v.sizes[d] > 1) dims.push_back({v.strides[d], v.sizes[d]});
+  }
+  std::sort(dims.begin(), dims.end());
+  return dims;
+}
+
+// Each stride passes the farthest element reachable through the smaller ones, so every index
+// lands on its own element (dense views and rows with padding, the common layouts).
+bool strides_nest(const View& v) {
+  int64_t reach = 0;  // largest offset reachable through the dims seen so far
+  for (const auto& [stride, size] : varying_dims(v)) {
+    if (stride <= reach) return false;
+    reach += (size - 1) * stride;
+  }
+  return true;
+}
+
+// Dense: the elements tile [first, last] with no gap.
+bool is_dense(const View& v) {
+  int64_t expected = 1;
+  for (const auto& [stride, size] : varying_dims(v)) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// [first byte, one past the last byte] that the view addresses.
+std::pair<int64_t, int64_t> byte_span(const View& v) {
+  int64_t begin = v.address, end = v.address + v.item_bytes;
+  for (size_t d = 0; d < v.sizes.size(); ++d) {
+    if (v.sizes[d] <= 1) continue;
+    const int64_t extent = (v.sizes[d] - 1) * v.strides[d] * v.item_bytes;
     (extent < 0 ? begin : end) += extent;
   }
   return {begin, end};
@@ -91,52 +125,51 @@ std::pair<int64_t, int64_t> byte_span(const at::Tensor& t) {
 
 }  // namespace
 
-bool has_internal_overlap(const at::Tensor& t) {
-  switch (at::has_internal_overlap(t)) {
-    case at::MemOverlap::No:
-      return false;
-    case at::MemOverlap::Yes:
-      return true;
-    case at::MemOverlap::TooHard:
-      break;
-  }
-  std::vector<Term> dims;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) > 1) dims.push_back({t.stride(d), -(t.size(d) - 1), t.size(d) - 1});
-  }
+Overlap internal_overlap(const View& v) {
+  const auto dims = varying_dims(v);
+  if (!dims.empty() && dims.front().first == 0) return Overlap::kYes;  // stride 0 repeats an element
+  if (strides_nest(v)) return Overlap::kNo;
   // Two distinct indices share an element iff some nonzero index difference has
   // sum_k stride_k * diff_k == 0. Negating the difference if needed, its first nonzero entry
-  // (dimension k) is positive: one exact question per k.
-  for (size_t k = 0; k < dims.size(); ++k) {
-    std::vector<Term> diff(dims.begin() + k, dims.end());
+  // (dim k) is positive: one exact question per k, all sharing one step budget.
+  std::vector<Term> terms;
+  for (const auto& [stride, size] : dims) terms.push_back({stride, -(size - 1), size - 1});
+  int64_t steps = 0;
+  bool undecided = false;
+  for (size_t k = 0; k < terms.size(); ++k) {
+    std::vector<Term> diff(terms.begin() + static_cast<std::ptrdiff_t>(k), terms.end());
     diff[0].lo = 1;
-    if (BoundedSum(diff).hits(0, 0)) return true;
+    switch (BoundedSum(diff, steps).hits(0, 0)) {
+      case Overlap::kYes:
+        return Overlap::kYes;
+      case Overlap::kUndecided:
+        undecided = true;
+        break;
+      case Overlap::kNo:
+        break;
+    }
+    if (undecided) break;
   }
-  return false;
+  return undecided ? Overlap::kUndecided : Overlap::kNo;
 }
 
-bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  // By address, not by storage: at::get_overlap_status answers "No" for two storages, but two
-  // storages can share memory (from_blob, numpy or DLPack views of one buffer).
+Overlap overlap(const View& a, const View& b) {
   const auto [a_begin, a_end] = byte_span(a);
   const auto [b_begin, b_end] = byte_span(b);
-  if (a_end <= b_begin || b_end <= a_begin) return false;
+  if (a_end <= b_begin || b_end <= a_begin) return Overlap::kNo;
   // A dense view covers every byte of its span.
-  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) return true;
+  if (is_dense(a) && is_dense(b)) return Overlap::kYes;
   // Element i of a covers bytes [a_begin + off_a(i), +size_a); element j of b likewise. They share
-  // a byte iff off_a(i) - off_b(j) lies in (b_begin - a_begin - size_a, b_begin - a_begin + size_b).
+  // a byte iff off_a(i) - off_b(j) lies in (b.address - a.address - size_a, ... + size_b).
   std::vector<Term> terms;
-  for (const auto& [t, sign] : {std::pair{&a, 1}, std::pair{&b, -1}}) {
-    const int64_t item = static_cast<int64_t>(t->element_size());
-    for (int64_t d = 0; d < t->dim(); ++d) {
-      terms.push_back({sign * t->stride(d) * item, 0, t->size(d) - 1});
+  for (const auto& [v, sign] : {std::pair{&a, int64_t{1}}, std::pair{&b, int64_t{-1}}}) {
+    for (size_t d = 0; d < v->sizes.size(); ++d) {
+      if (v->sizes[d] > 1) terms.push_back({sign * v->strides[d] * v->item_bytes, 0, v->sizes[d] - 1});
     }
   }
-  const int64_t base = reinterpret_cast<intptr_t>(b.const_data_ptr()) -
-                       reinterpret_cast<intptr_t>(a.const_data_ptr());
-  return BoundedSum(terms).hits(base - static_cast<int64_t>(a.element_size()) + 1,
-                                base + static_cast<int64_t>(b.element_size()) - 1);
+  const int64_t base = b.address - a.address;
+  int64_t steps = 0;
+  return BoundedSum(terms, steps).hits(base - a.item_bytes + 1, base + b.item_bytes - 1);
 }
 
 }  // namespace vllm_mla_ops

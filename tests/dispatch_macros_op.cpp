@@ -1,7 +1,9 @@
 // Test-only ops (not part of the package) that run the dispatch macros of csrc/dispatch_utils.h and
-// report which C++ type each dtype reached: each returns the ATen name of scalar_t ("Half", ...),
-// so a case that maps a dtype to the wrong type, or a missing or extra case, shows up by name.
-#include <torch/library.h>
+// report which C++ type each dtype reached: each returns the name of scalar_t's dtype ("Half", ...),
+// so a case that maps a dtype to the wrong type, or a missing or extra case, shows up by name. Built
+// on the stable ABI only, as the package is.
+#include <torch/csrc/stable/library.h>
+#include <torch/headeronly/core/ScalarType.h>
 
 #include <string>
 
@@ -9,45 +11,54 @@
 
 namespace {
 
+using torch::headeronly::ScalarType;
+
 template <typename scalar_t>
 std::string reached() {
-  return c10::toString(c10::CppTypeToScalarType<scalar_t>::value);
+  return torch::headeronly::toString(torch::headeronly::CppTypeToScalarType<scalar_t>::value);
 }
 
-std::string floating_types(c10::ScalarType dtype) {
+std::string floating_types(ScalarType dtype) {
   std::string name;
   VLLM_DISPATCH_FLOATING_TYPES(dtype, "vllm_dispatch_floating", [&] { name = reached<scalar_t>(); });
   return name;
 }
 
-std::string half_types(c10::ScalarType dtype) {
+std::string half_types(ScalarType dtype) {
   std::string name;
   VLLM_DISPATCH_HALF_TYPES(dtype, "vllm_dispatch_half", [&] { name = reached<scalar_t>(); });
   return name;
 }
 
-// The _CASE_ forms compose with other cases inside one AT_DISPATCH_SWITCH.
-std::string case_floating_types_and_double(c10::ScalarType dtype) {
+// The _CASE_ forms compose with other cases inside one THO_DISPATCH_SWITCH.
+std::string case_floating_types_and_double(ScalarType dtype) {
   std::string name;
-  AT_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_floating",
-                     VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
-                         AT_DISPATCH_CASE(at::ScalarType::Double, [&] { name = reached<scalar_t>(); }));
+  THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_floating",
+                      VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
+                          THO_DISPATCH_CASE(ScalarType::Double, [&] { name = reached<scalar_t>(); }));
   return name;
 }
 
-std::string case_half_types_and_int(c10::ScalarType dtype) {
+std::string case_half_types_and_int(ScalarType dtype) {
   std::string name;
-  AT_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_half",
-                     VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
-                         AT_DISPATCH_CASE(at::ScalarType::Int, [&] { name = reached<scalar_t>(); }));
+  THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_half",
+                      VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
+                          THO_DISPATCH_CASE(ScalarType::Int, [&] { name = reached<scalar_t>(); }));
   return name;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(vllm_mla_ops_dispatch_test, m) {
-  m.def("floating_types(ScalarType dtype) -> str", &floating_types);
-  m.def("half_types(ScalarType dtype) -> str", &half_types);
-  m.def("case_floating_types_and_double(ScalarType dtype) -> str", &case_floating_types_and_double);
-  m.def("case_half_types_and_int(ScalarType dtype) -> str", &case_half_types_and_int);
+STABLE_TORCH_LIBRARY(vllm_mla_ops_dispatch_test, m) {
+  m.def("floating_types(ScalarType dtype) -> str");
+  m.def("half_types(ScalarType dtype) -> str");
+  m.def("case_floating_types_and_double(ScalarType dtype) -> str");
+  m.def("case_half_types_and_int(ScalarType dtype) -> str");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(vllm_mla_ops_dispatch_test, CompositeExplicitAutograd, m) {
+  m.impl("floating_types", TORCH_BOX(&floating_types));
+  m.impl("half_types", TORCH_BOX(&half_types));
+  m.impl("case_floating_types_and_double", TORCH_BOX(&case_floating_types_and_double));
+  m.impl("case_half_types_and_int", TORCH_BOX(&case_half_types_and_int));
 }

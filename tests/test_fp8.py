@@ -52,13 +52,7 @@ def call_api(ql_nope, q_pe, q_out, scale):
     return result
 
 
-def call_ops_wrapper(ql_nope, q_pe, q_out, scale):
-    vllm_mla_ops.ops.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)
-    return q_out
-
-
-ENTRY_POINTS = [pytest.param(call_op, id="op"), pytest.param(call_api, id="api"),
-                pytest.param(call_ops_wrapper, id="ops")]
+ENTRY_POINTS = [pytest.param(call_op, id="op"), pytest.param(call_api, id="api")]
 
 # ------------------------------------------------------------------------------ reference, checks
 

@@ -1,16 +1,19 @@
-"""Loading the extension: the registrations it makes, coexistence with another owner of the _C
-namespace, harmless reloads of the same library, and ImportErrors (never a dead process) for a second
-copy of the package, a missing extension and a broken one. Process-level cases run in subprocesses."""
+"""Loading the extension: the registrations it makes, what the package reports about its build, that
+the libraries use torch's stable ABI only, coexistence with another owner of the _C namespace,
+harmless reloads of the same library, and ImportErrors (never a dead process, never a registered op)
+for a second copy of the package, a missing, broken, truncated or garbled library and a torch below
+the build's floor. Process-level cases run in subprocesses."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ import vllm_mla_ops
 
 PACKAGE_DIR = Path(vllm_mla_ops.__file__).resolve().parent
 EXTENSION = Path(vllm_mla_ops._C.__file__).resolve()
+CUDA_LIBRARY = PACKAGE_DIR / "_C_cuda.so"
+REBUILD = "pip install -e ."
 
 # Runs in the subprocesses: the op on small random bits, checked bit for bit against torch.cat.
 CHECK_OP = textwrap.dedent("""
@@ -44,38 +49,90 @@ def run_python(code: str, cwd: Path, extra_path: Path | None = None) -> subproce
 
 
 def assert_clean_exit(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit code {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, (f"exit code {result.returncode}\nstdout:\n{result.stdout}\n"
+                                    f"stderr:\n{result.stderr[-3000:]}")
 
 
-def copy_package(destination: Path, with_extension: bool = True) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", *(() if with_extension else ("*.so", "*.pyd")))
+def copy_package(destination: Path, with_libraries: bool = True) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__", *(() if with_libraries else ("*.so", "_build_info.json")))
     shutil.copytree(PACKAGE_DIR, destination, ignore=ignore)
     return destination
+
+
+def import_error(tmp_path: Path, package: str) -> str:
+    """The ImportError message of importing `package` from tmp_path/site in a fresh process, which
+    must survive and must not have registered the op."""
+    result = run_python(f"""
+        try:
+            import {package}
+        except ImportError as error:
+            print("IMPORT-ERROR:", error)
+        print("REGISTERED:", hasattr(torch.ops._C, "concat_mla_q"))
+    """, tmp_path, extra_path=tmp_path / "site")
+    assert_clean_exit(result)
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout
+    assert "REGISTERED: False" in result.stdout, result.stdout
+    return result.stdout.split("IMPORT-ERROR:", 1)[1].split("REGISTERED:", 1)[0].strip()
 
 
 # ------------------------------------------------------------------------------ registrations
 
 
-def test_schema():
+def test_schemas():
     assert str(torch.ops._C.concat_mla_q.default._schema) == (
-        "_C::concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()"
-    )
+        "_C::concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()")
+    assert str(torch.ops._C.concat_mla_q_fp8.default._schema) == (
+        "_C::concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()")
 
 
-def test_dispatch_table_has_backend_kernels():
-    table = torch._C._dispatch_dump_table("_C::concat_mla_q")
-    assert re.search(r"^CPU: registered at \S*torch_bindings\.cpp", table, re.M), table
-    assert re.search(r"^Meta: registered at ", table, re.M), table  # the fake implementation
-    has_cuda_kernel = re.search(r"^CUDA: registered at ", table, re.M) is not None
+@pytest.mark.parametrize("op", ["concat_mla_q", "concat_mla_q_fp8"])
+def test_dispatch_table(op):
+    """CPU kernel from the bindings file, CUDA kernel from the CUDA file (when the build has one and
+    torch has CUDA), the fake (Meta), and the Python kernels: Autograd falls through to the guard at
+    ADInplaceOrView; the math-bit and nested-tensor kernels."""
+    table = torch._C._dispatch_dump_table(f"_C::{op}")
+    library = r"\S*vllm_mla_ops/_library\.py"
+    for key, where in (("CPU", r"\S*csrc/torch_bindings\.cpp"), ("Meta", r"\S*"),
+                       ("AutogradCPU", "fallthrough registered at " + library), ("ADInplaceOrView", library),
+                       ("Negative", library), ("Conjugate", library), ("NestedTensorCPU", library)):
+        where = where if where.startswith("fallthrough") else "registered at " + where
+        assert re.search(rf"^{key}: {where}", table, re.M), f"{key}:\n{table}"
+    has_cuda_kernel = re.search(r"^CUDA: registered at \S*csrc/concat_mla_q_kernels\.cu", table, re.M) is not None
+    expected = vllm_mla_ops.build_info()["target"] == "cuda" and torch.version.cuda is not None
+    assert has_cuda_kernel == expected, table
     if os.environ.get("VLLM_MLA_OPS_TARGET") == "cuda":  # the build was forced to CUDA (CI does this)
         assert has_cuda_kernel, f"VLLM_MLA_OPS_TARGET=cuda but no CUDA kernel is registered:\n{table}"
-    elif torch.version.cuda is not None and not has_cuda_kernel:
-        warnings.warn("torch has CUDA but the extension was built without the CUDA kernel (CPU-only build)")
 
 
-def test_extension_is_the_package_own():
+def test_build_info_and_version():
+    info = vllm_mla_ops.build_info()
+    assert set(info) == {"version", "target", "torch_floor", "built_with_torch", "cuda", "cuda_arch_list"}
+    assert vllm_mla_ops.__version__ == info["version"]
+    assert info["version"].endswith("+cpu" if info["target"] == "cpu" else f"+cu{info['cuda'].replace('.', '')}")
+    assert info["torch_floor"] == "2.11"
+    assert (info["cuda"] is None) == (info["target"] == "cpu") == (info["cuda_arch_list"] is None)
+    assert importlib.metadata.version("vllm-mla-ops") == vllm_mla_ops.__version__
+    requires = importlib.metadata.requires("vllm-mla-ops") or []
+    assert "torch>=2.11" in requires, requires
+
+
+def test_extension_is_an_abi3_module_of_the_package():
     assert EXTENSION.parent == PACKAGE_DIR
-    assert vllm_mla_ops.__all__ == ["concat_mla_q", "concat_mla_q_fp8", "ops"]
+    assert EXTENSION.name == "_C.abi3.so"
+    assert vllm_mla_ops.__all__ == ["__version__", "build_info", "concat_mla_q", "concat_mla_q_fp8"]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_libraries_use_only_the_stable_abi():
+    """No symbol of ATen, c10 or torch's C++ API is imported (they change between torch releases);
+    the libraries call torch only through the stable C shim (aoti_torch_*, torch_*)."""
+    libraries = [EXTENSION] + ([CUDA_LIBRARY] if CUDA_LIBRARY.is_file() else [])
+    for library in libraries:
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        unstable = [s for s in undefined if re.match(r"_ZN(K)?(2at|3c10|5torch|8pybind11)", s)]
+        assert not unstable, f"{library.name} imports C++ symbols of torch: {unstable[:10]}"
+        assert any(s.startswith(("aoti_torch_", "torch_")) for s in undefined), undefined
 
 
 # --------------------------------------------------------------------------------- processes
@@ -116,7 +173,7 @@ def test_second_copy_of_the_package_raises_import_error(tmp_path, copy_first):
     """A copy of the package (its own .so) imported next to the original: ImportError naming the copy
     already loaded, the process survives and the loaded copy keeps working."""
     copy_dir = copy_package(tmp_path / "site" / "vllm_mla_ops_copy")
-    copy_so = next(copy_dir.glob("_C*.so")).resolve()
+    copy_so = (copy_dir / EXTENSION.name).resolve()
     first, second = ("vllm_mla_ops_copy", "vllm_mla_ops") if copy_first else ("vllm_mla_ops", "vllm_mla_ops_copy")
     result = run_python(f"""
         import {first}
@@ -137,32 +194,48 @@ def test_second_copy_of_the_package_raises_import_error(tmp_path, copy_first):
     assert "OP-OK" in result.stdout
 
 
-def import_error(tmp_path, package: str) -> str:
-    """The ImportError message of importing `package` from tmp_path/site in a fresh process."""
-    result = run_python(f"""
-        try:
-            import {package}
-        except ImportError as error:
-            print("IMPORT-ERROR:", error)
-    """, tmp_path, extra_path=tmp_path / "site")
-    assert_clean_exit(result)
-    assert "IMPORT-ERROR:" in result.stdout, result.stdout
-    return result.stdout.split("IMPORT-ERROR:", 1)[1]
-
-
 def test_missing_extension_raises_import_error_with_rebuild_hint(tmp_path):
-    copy_package(tmp_path / "site" / "vllm_mla_ops_noext", with_extension=False)
+    copy_package(tmp_path / "site" / "vllm_mla_ops_noext", with_libraries=False)
     message = import_error(tmp_path, "vllm_mla_ops_noext")
     assert "the compiled extension vllm_mla_ops_noext._C is missing" in message, message
-    assert "pip install --no-build-isolation -e ." in message, message
+    assert REBUILD in message, message
 
 
-def test_broken_extension_raises_import_error_with_rebuild_hint(tmp_path):
-    """An extension file that cannot be loaded (here: not a shared library at all, though it carries
-    the build info of the running torch, so the loader gets as far as loading it)."""
-    copy_dir = copy_package(tmp_path / "site" / "vllm_mla_ops_broken")
-    build_info = f"vllm_mla_ops build info: torch={torch.__version__};".encode()
-    next(copy_dir.glob("_C*.so")).write_bytes(b"not an ELF file\0" + build_info)
-    message = import_error(tmp_path, "vllm_mla_ops_broken")
-    assert "cannot load the compiled extension" in message, message
-    assert "pip install --no-build-isolation -e ." in message, message
+def test_torch_below_the_build_floor_raises_import_error(tmp_path):
+    """The build info's floor above the running torch: refused before the library is loaded."""
+    copy_dir = copy_package(tmp_path / "site" / "vllm_mla_ops_future")
+    info = json.loads((copy_dir / "_build_info.json").read_text())
+    info["torch_floor"] = "99.0"
+    (copy_dir / "_build_info.json").write_text(json.dumps(info))
+    message = import_error(tmp_path, "vllm_mla_ops_future")
+    assert f"this build needs torch >= 99.0, found torch {torch.__version__}" in message, message
+
+
+def _not_elf(library: Path) -> None:
+    library.write_bytes(b"not an ELF file\0" * 8)
+
+
+def _truncated(library: Path) -> None:
+    """An interrupted copy: the file ends inside a segment the dynamic loader maps."""
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+
+
+def _garbled_header(library: Path) -> None:
+    content = bytearray(library.read_bytes())
+    content[16:64] = b"\xff" * 48  # e_type .. e_shoff: the ELF magic stays, the rest is garbage
+    library.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_not_elf, "not a 64-bit little-endian ELF file"),
+    (_truncated, "past the end of the file"),
+    (_garbled_header, "past the end of the file"),
+], ids=["not-elf", "truncated", "garbled-header"])
+def test_damaged_extension_raises_import_error(tmp_path, damage, reason):
+    """A damaged library file (an interrupted copy or download): an ImportError that names the problem
+    and says how to rebuild, in a process that survives and never registered the op."""
+    copy_dir = copy_package(tmp_path / "site" / "vllm_mla_ops_damaged")
+    damage(copy_dir / EXTENSION.name)
+    message = import_error(tmp_path, "vllm_mla_ops_damaged")
+    assert "is not a complete shared library" in message and reason in message, message
+    assert REBUILD in message, message

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: creates .venv, installs the CUDA build of torch and the build
-# and test tools, builds the extension (CPU + CUDA where nvcc is found), then runs a job:
-#   bash tools/dev.sh test [pytest args]   the test suite (what CI runs)
-#   bash tools/dev.sh main [bench args]    DeepSeek-V3 decode/prefill shapes vs torch.cat, best device
+# One entry point for a fresh machine: creates .venv, installs torch and the build and test tools,
+# builds the extension into it (CPU kernels, plus CUDA kernels where nvcc is found; see setup.py),
+# then runs a job:
+#   bash tools/dev.sh test [pytest args]   the test suite
+#   bash tools/dev.sh main [bench args]    DeepSeek-V3 decode/prefill shapes vs torch.cat and the
+#                                          same-bytes ceilings, on the best device
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default torch==2.14.1),
-# plus the build knobs in setup.py (VLLM_MLA_OPS_TARGET, TORCH_CUDA_ARCH_LIST, MAX_JOBS).
+# plus the build knobs in setup.py (VLLM_MLA_OPS_TARGET, TORCH_CUDA_ARCH_LIST, MAX_JOBS). The CMake
+# build folder under build/ persists, so a re-run recompiles only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,10 +21,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 "$py" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.14.1}" \
-  setuptools packaging cmake ninja pytest hypothesis numpy
+  "setuptools>=77" packaging "cmake>=3.26" ninja pytest hypothesis numpy
 "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+"$py" -c 'import vllm_mla_ops as m; i = m.build_info(); print(f"vllm_mla_ops {m.__version__}: target={i[\"target\"]}, torch floor {i[\"torch_floor\"]}, built with torch {i[\"built_with_torch\"]}" + (f", CUDA archs {i[\"cuda_arch_list\"]}" if i["cuda"] else ""))'
 
 if [ "$job" = test ]; then
   exec "$py" -m pytest -q "$@"
 fi
-exec "$py" tools/benchmark.py --main "$@"
+exec "$py" benchmarks/main.py "$@"

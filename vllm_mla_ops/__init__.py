@@ -1,9 +1,10 @@
 """vllm_mla_ops: the MLA query concat as PyTorch custom ops, ``torch.ops._C.concat_mla_q`` and its
 fused FP8 form ``torch.ops._C.concat_mla_q_fp8``.
 
-Importing this package loads the compiled extension, which registers the ops under ``_C`` for CPU
-(and CUDA, when built with it). The functions below are the convenient forms; ``vllm_mla_ops.ops``
-holds the schema-order wrappers that model code calls.
+Importing this package loads the compiled libraries, which register the ops under ``_C`` for CPU
+(and CUDA, when built with it and torch has CUDA). Model code calls either the raw ops
+(``torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)``, vLLM's spelling) or the functions below, which
+also allocate ``q_out`` when it is not given.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ import torch
 
 from ._loader import load_extension
 
-load_extension(__name__, str(Path(__file__).resolve().parent))
+_BUILD_INFO = load_extension(__name__, str(Path(__file__).resolve().parent))
 
-from . import ops  # noqa: E402  (registers the fake implementations; needs the op loaded)
+from . import _library  # noqa: E402,F401  (fakes, Autograd and math-bit kernels; needs the ops loaded)
 
-__all__ = ["concat_mla_q", "concat_mla_q_fp8", "ops"]
+__version__: str = _BUILD_INFO["version"]
+__all__ = ["__version__", "build_info", "concat_mla_q", "concat_mla_q_fp8"]
+
+
+def build_info() -> dict:
+    """What this installation was built with: ``version``, ``target`` ("cpu" or "cuda"),
+    ``torch_floor`` (the oldest torch it loads in), ``built_with_torch``, ``cuda`` and
+    ``cuda_arch_list`` (None for a CPU build)."""
+    return dict(_BUILD_INFO)
 
 
 def _out_shape(ql_nope: torch.Tensor, q_pe: torch.Tensor) -> tuple[int, ...]:
@@ -43,11 +52,12 @@ def concat_mla_q(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor 
         ``q_out``.
 
     Raises:
-        RuntimeError: on any other dtype, rank, shape, device or overlap, before anything is written.
+        RuntimeError: on any other dtype, rank, shape, device, storage bound or overlap, before
+            anything is written (docs/errors.md lists every message).
     """
     if q_out is None:
         q_out = ql_nope.new_empty(_out_shape(ql_nope, q_pe))
-    ops.concat_mla_q(ql_nope, q_pe, q_out)
+    torch.ops._C.concat_mla_q.default(ql_nope, q_pe, q_out)
     return q_out
 
 
@@ -61,6 +71,8 @@ def concat_mla_q_fp8(
     stays NaN. Bit for bit this is
     ``(torch.cat((ql_nope, q_pe.expand(...)), -1).float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)``,
     the semantics of vLLM's static per-tensor ``QuantFP8.forward_native`` (up to the sign of a NaN).
+    The raw op takes the same arguments in schema order:
+    ``torch.ops._C.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)``.
 
     Args:
         ql_nope, q_pe: as for ``concat_mla_q``.
@@ -73,9 +85,9 @@ def concat_mla_q_fp8(
         ``q_out``.
 
     Raises:
-        RuntimeError: on any other dtype, rank, shape, device or overlap, before anything is written.
+        RuntimeError: as for ``concat_mla_q``.
     """
     if q_out is None:
         q_out = ql_nope.new_empty(_out_shape(ql_nope, q_pe), dtype=torch.float8_e4m3fn)
-    ops.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)
+    torch.ops._C.concat_mla_q_fp8.default(ql_nope, q_pe, q_out, scale)
     return q_out

@@ -1,8 +1,11 @@
-"""Loads the compiled extension vllm_mla_ops._C, whose static initializers register the ops.
+"""Loads the compiled libraries: vllm_mla_ops._C (schemas and CPU kernels, registered by its static
+initializers) and, where torch has CUDA, _C_cuda.so (the CUDA kernels).
 
-Registering an op that already exists terminates the process from inside a static initializer, so a
-second copy of this library (another install, a copied build) must never be loaded next to a first
-one. The checks here run before the load and turn that case into an ImportError.
+Every check here runs before a library is loaded, because the failures they prevent cannot be caught
+afterwards: registering an op that already exists terminates the process from inside a static
+initializer (a second copy of this library), and the dynamic loader maps a truncated file and lets
+the process die of SIGBUS when it touches the missing part. The torch floor is checked first for a
+clear message; the build info and the ELF headers are all that is read of the files.
 """
 
 from __future__ import annotations
@@ -10,37 +13,41 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+import json
 import os
 import re
 import struct
+from pathlib import Path
 
 import torch
 
 OP_NAME = "_C::concat_mla_q"
-REBUILD_HINT = "rebuild it against the installed torch with `pip install --no-build-isolation -e .` in the source tree"
+REBUILD_HINT = "rebuild it with `pip install -e .` (or reinstall the wheel) in this environment"
 
 
-def _built_against(library: bytes) -> str | None:
-    """The torch version recorded in the library (csrc/torch_bindings.cpp)."""
-    found = re.search(rb"vllm_mla_ops build info: torch=([^;\0]*);", library)
-    return found.group(1).decode() if found else None
+def _torch_release(version: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def _elf_problem(library: bytes) -> str | None:
-    """Why the file is not a complete 64-bit ELF shared library, or None. The dynamic loader does
-    not check a file's size against its segments: it maps a truncated library, and the process dies
-    of SIGBUS on first touching the missing part instead of failing to load."""
-    if library[:6] != b"\x7fELF\x02\x01":
-        return "not a 64-bit little-endian ELF file"
-    phoff, = struct.unpack_from("<Q", library, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", library, 0x36)
+def _elf_problem(path: Path) -> str | None:
+    """Why the file is not a complete 64-bit ELF shared library, or None. Reads the ELF header and
+    the program headers only."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        header = file.read(64)
+        if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
+            return "not a 64-bit little-endian ELF file"
+        phoff, = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        if phentsize < 40 or phoff + phnum * phentsize > size:
+            return f"its program headers end past the end of the file ({size} bytes)"
+        file.seek(phoff)
+        table = file.read(phnum * phentsize)
     for i in range(phnum):
-        start = phoff + i * phentsize
-        if start + 40 > len(library):
-            return f"its program headers end past the end of the file ({len(library)} bytes)"
-        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", library, start)
-        if p_type == 1 and p_offset + p_filesz > len(library):  # PT_LOAD
-            return f"a loaded segment ends at byte {p_offset + p_filesz}, past the end of the file ({len(library)} bytes)"
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD
+            return f"a loaded segment ends at byte {p_offset + p_filesz}, past the end of the file ({size} bytes)"
     return None
 
 
@@ -63,14 +70,10 @@ def _op_registered() -> bool:
 
 def _registered_by() -> str:
     """Names the library that registered OP_NAME: a mapped copy of our extension if there is one."""
-    mapped = set()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split(maxsplit=5)[-1].strip()
-            if path.startswith("/") and ".so" in os.path.basename(path):
-                mapped.add(path)
     copies = []
-    for path in sorted(mapped):
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split(maxsplit=5)[-1].strip() for line in maps}
+    for path in sorted(p for p in mapped if p.startswith("/") and ".so" in os.path.basename(p)):
         try:
             library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         except OSError:
@@ -82,38 +85,41 @@ def _registered_by() -> str:
     return "another library (" + torch._C._dispatch_dump(OP_NAME).strip().replace("\n", "; ") + ")"
 
 
-def load_extension(package: str, package_dir: str) -> None:
+def _checked(path: Path) -> str:
+    problem = _elf_problem(path)
+    if problem is not None:
+        raise ImportError(f"vllm_mla_ops: cannot load the compiled extension {path}: the file is not a complete shared "
+                            f"library ({problem}); {REBUILD_HINT}")
+    return str(path)
+
+
+def load_extension(package: str, package_dir: str) -> dict:
+    """Loads the libraries of `package` (a folder `package_dir`) and returns its build info."""
     name = f"{package}._C"
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            f"vllm_mla_ops: the compiled extension {name} is missing from {package_dir}; {REBUILD_HINT}"
-        )
-    path = os.path.realpath(spec.origin)
-    with open(path, "rb") as file:
-        library = file.read()
-    problem = _elf_problem(library)
-    if problem is not None:
-        raise ImportError(
-            f"vllm_mla_ops: cannot load the compiled extension {path}: the file is not a complete shared "
-            f"library ({problem}); {REBUILD_HINT}"
-        )
-    built_against = _built_against(library)
-    if built_against != torch.__version__:
-        raise ImportError(
-            f"vllm_mla_ops: the compiled extension {path} was built against torch "
-            f"{built_against or '(unknown: no build info in the file)'} but torch {torch.__version__} "
-            f"is running; {REBUILD_HINT}"
-        )
+    info_path = Path(package_dir) / "_build_info.json"
+    if spec is None or spec.origin is None or not info_path.is_file():
+        raise ImportError(f"vllm_mla_ops: the compiled extension {name} is missing from {package_dir}; {REBUILD_HINT}")
+    info = json.loads(info_path.read_text())
+    floor = info["torch_floor"]
+    if _torch_release(torch.__version__) < _torch_release(floor):
+        raise ImportError(f"vllm_mla_ops: this build needs torch >= {floor}, found torch {torch.__version__}; upgrade torch")
+    path = _checked(Path(spec.origin).resolve())
     if _op_registered() and not _is_loaded(path):
         raise ImportError(
-            f"vllm_mla_ops: {OP_NAME} is already registered by {_registered_by()}; loading a second copy "
-            f"({path}) would register it again, which aborts the process. Import one copy per process."
-        )
+            f"vllm_mla_ops: {OP_NAME} is already registered by {_registered_by()}; loading a second copy ({path}) would "
+            "register it again, which aborts the process. Import one copy per process.")
     try:
         importlib.import_module(name)
     except (ImportError, OSError) as error:
-        raise ImportError(
-            f"vllm_mla_ops: cannot load the compiled extension {path} with torch {torch.__version__}: "
-            f"{error}. It was probably built against another torch; {REBUILD_HINT}"
-        ) from error
+        raise ImportError(f"vllm_mla_ops: cannot load the compiled extension {path} with torch {torch.__version__}: "
+                            f"{error}; {REBUILD_HINT}") from error
+    cuda_library = Path(package_dir) / "_C_cuda.so"
+    if torch.version.cuda is not None and cuda_library.is_file():
+        cuda_path = _checked(cuda_library.resolve())
+        try:
+            torch.ops.load_library(cuda_path)
+        except OSError as error:
+            raise ImportError(f"vllm_mla_ops: cannot load the CUDA kernels {cuda_path} with torch {torch.__version__}: "
+                                f"{error}; {REBUILD_HINT}") from error
+    return info
