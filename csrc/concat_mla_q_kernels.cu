@@ -178,10 +178,10 @@ template <typename scalar_t, typename Convert, int N>
 void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
             cudaStream_t stream) {
   constexpr int kThreads = 256;
-  // Up to kSmallOutput packs (about 30 tokens of 128 heads) a thread takes one pack and the blocks
-  // spread over the SMs: the time is latency. Above, four packs a thread keep more bytes in flight
-  // per thread with a quarter of the blocks.
-  constexpr int64_t kSmallOutput = int64_t{1} << 18, kMaxBlocks = int64_t{1} << 30;
+  // Packs per thread: up to four, keeping at least kMinBlocks blocks (about one full wave of
+  // 256-thread blocks on a 132-SM H100/H200), so small outputs spread over every SM (their time is
+  // latency) and large ones keep several loads in flight per thread with fewer blocks.
+  constexpr int64_t kMinBlocks = 1024, kMaxBlocks = int64_t{1} << 30;
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
   const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N;
   const Geometry g{ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
@@ -205,8 +205,10 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   // 32-bit indices while first + step (under twice the total) stays below 2^31.
   if (g.total >= (int64_t{1} << 30)) {
     run(std::integral_constant<int, 4>{}, int64_t{});
-  } else if (g.total > kSmallOutput) {
+  } else if (g.total >= 4 * kThreads * kMinBlocks) {
     run(std::integral_constant<int, 4>{}, uint32_t{});
+  } else if (g.total >= 2 * kThreads * kMinBlocks) {
+    run(std::integral_constant<int, 2>{}, uint32_t{});
   } else {
     run(std::integral_constant<int, 1>{}, uint32_t{});
   }

@@ -105,7 +105,7 @@ def _register(name: str) -> None:
                 "be written outside inference mode; call the op under torch.inference_mode() or pass a "
                 "q_out created outside it")
         op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
-        torch.autograd.graph.increment_version(q_out)
+        torch._C._increment_version((q_out,))
 
     def math_bits(keyset, *args):
         """Views with the negative or conjugate bit (x.conj().imag, torch._neg_view): inputs are
