@@ -36,7 +36,7 @@ def random_bits(shape: Sequence[int], dtype: torch.dtype, device: str | torch.de
     """A fresh contiguous tensor whose every bit pattern is equally likely."""
     shape = tuple(shape)
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if itemsize == 2:
         raw = torch.randint(-32768, 32768, (numel,), dtype=torch.int16, device=device)
     else:
