@@ -45,7 +45,7 @@ def parser(doc: str, layouts: str) -> argparse.ArgumentParser:
     p.add_argument("--layout", default=layouts, help="comma list of %s (default %s)" % (LAYOUTS, layouts))
     p.add_argument("--dtype", default="bf16", help="comma list of bf16, fp16 (default bf16)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="CSV, JSON, MD, PNG go here")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size (default 5)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per size (default: CUDA 5, CPU 15)")
     p.add_argument("--threads", type=int, default=2, help="CPU: torch threads (default 2)")
     return p
 

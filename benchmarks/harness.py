@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -67,6 +68,9 @@ class Case:
     size: int  # the row key and the plot's x axis, e.g. tokens
     setup: Callable[[], list[Contender]]  # called when the case runs: one case's buffers at a time
     extra: Callable[[dict[str, float]], dict[str, str]] | None = None  # medians (s) -> more columns
+    # Runs after the checks, before timing: for ops whose speed depends on the values (a CPU
+    # float conversion slows down on NaN, inf and subnormal inputs), time on realistic data.
+    before_timing: Callable[[], None] | None = None
 
 
 @dataclass
@@ -80,16 +84,23 @@ class Result:
     lo_us: float | None = None  # q20 (CUDA) or q25 (CPU)
     hi_us: float | None = None  # q80 (CUDA) or q75 (CPU)
     samples: int = 0
+    round_us: list[float] = field(default_factory=list)  # per-round medians, in round order
     note: str = ""
 
 
 @dataclass
 class Settings:
     device: torch.device
-    rounds: int = 5
+    rounds: int | None = None  # None: 5 on CUDA; 15 short ones on CPU, where neighbours are noisier
     calls: int = 100  # CUDA: calls per graph
-    round_s: float = 0.05  # time per contender per round (CUDA: replays; CPU: blocked_autorange)
+    round_s: float | None = None  # per contender per round; None: 50 ms on CUDA, 20 ms on CPU
     threads: int = field(default_factory=torch.get_num_threads)  # CPU
+
+    def __post_init__(self):
+        cuda = self.device.type == "cuda"
+        self.rounds = self.rounds or (5 if cuda else 15)
+        self.round_s = self.round_s or (0.05 if cuda else 0.02)
+        self.cpu_at_start = _cpu_seconds()
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -127,20 +138,20 @@ class GraphTimer:
 
 def _time_cuda(contenders: list[Contender], s: Settings) -> dict[str, list[float]]:
     timers = {c.name: GraphTimer(c.fn, s.calls, s.round_s) for c in contenders}
-    samples: dict[str, list[float]] = {name: [] for name in timers}
+    samples: dict[str, list[list[float]]] = {name: [] for name in timers}
     for _ in range(s.rounds):
         for name, timer in timers.items():
-            samples[name] += timer.sample()
+            samples[name].append(timer.sample())
     return samples
 
 
 def _time_cpu(contenders: list[Contender], s: Settings) -> dict[str, list[float]]:
     timers = {c.name: tbench.Timer("fn()", globals={"fn": c.fn}, num_threads=s.threads)
               for c in contenders}
-    samples: dict[str, list[float]] = {name: [] for name in timers}
+    samples: dict[str, list[list[float]]] = {name: [] for name in timers}
     for _ in range(s.rounds):
         for name, timer in timers.items():
-            samples[name] += timer.blocked_autorange(min_run_time=s.round_s).times
+            samples[name].append(timer.blocked_autorange(min_run_time=s.round_s).times)
     return samples
 
 
@@ -216,11 +227,15 @@ def run(cases: list[Case], s: Settings) -> list[Result]:
                                       note=f"{type(exc).__name__}: {exc}"))
                 continue
             timed.append((c, note or ""))
+        if case.before_timing:
+            case.before_timing()
         samples = (_time_cuda if cuda else _time_cpu)([c for c, _ in timed], s)
         for c, note in timed:
-            med, lo, hi = summarize(samples[c.name], cuda)
+            rounds = samples[c.name]
+            med, lo, hi = summarize([t for r in rounds for t in r], cuda)
             results.append(Result(case.group, case.size, c.name, c.role, "ok", med, lo, hi,
-                                  len(samples[c.name]), note))
+                                  sum(map(len, rounds)),
+                                  [statistics.median(r) * 1e6 for r in rounds], note))
         medians = {r.contender: r.median_us * 1e-6 for r in results
                    if r.group == case.group and r.size == case.size and r.status == "ok"}
         if case.extra:
@@ -244,10 +259,35 @@ def header(title: str, s: Settings) -> dict[str, str]:
     else:
         name = _cpu_name()
         timing = f"torch.utils.benchmark blocked_autorange, {s.threads} threads (median, IQR spread)"
+        name += f" ({os.cpu_count()} cores{_other_work(s.cpu_at_start)})"
     return {"title": title, "device": name, "torch": torch.__version__,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": shlex.join([Path(sys.executable).name] + sys.argv),
             "timing": f"{timing}; {s.rounds} interleaved rounds"}
+
+
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall, CPU seconds used by every process, by this one) now; None where /proc/stat is not."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    t = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    return t.elapsed, busy, t.user + t.system + t.children_user + t.children_system
+
+
+def _other_work(start: tuple[float, float, float] | None) -> str:
+    # Threads of a parallel region wait for each other: one that shares its core with other work
+    # stalls the whole region for a scheduler slice, which no statistic recovers. So say so.
+    end = _cpu_seconds()
+    if start is None or end is None or end[0] <= start[0]:
+        return ""
+    others = ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+    if others < 0.2:
+        return f"; other processes used {others:.1f} cores meanwhile"
+    return (f"; other processes used {others:.1f} cores meanwhile: expect noise, "
+            "fewer --threads suffer less")
 
 
 def _cpu_name() -> str:
@@ -265,6 +305,16 @@ def _us(r: Result) -> str:
         return "FAIL"
     spread = (r.hi_us - r.lo_us) / 2 / r.median_us * 100
     return f"{r.median_us:.2f} ±{spread:.0f}%"
+
+
+def _ratio(base: Result, subject: Result) -> str:
+    """base / subject, paired round by round (a neighbour's burst slows both halves of a round
+    alike, so it cancels): the median ratio, and the quartiles of the per-round ratios."""
+    ratios = [b / a for a, b in zip(subject.round_us, base.round_us)]
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.2f}x"
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{statistics.median(ratios):.2f}x ({q[0]:.2f}-{q[2]:.2f})"
 
 
 def tables(results: list[Result], meta: dict[str, str], size_name: str = "size") -> str:
@@ -295,8 +345,8 @@ def tables(results: list[Result], meta: dict[str, str], size_name: str = "size")
                 cells.append(f"{100 * ceil.median_us / ok[subject.contender]:.0f}%"
                              if ceil and subject and subject.contender in ok else "")
             for b in baselines:
-                cells.append(f"{ok[b] / ok[subject.contender]:.2f}x"
-                             if subject and b in ok and subject.contender in ok else "")
+                cells.append(_ratio(at[b], subject) if subject and b in ok and subject.contender in ok
+                             else "")
             cells += [at[e].note if e in at else "" for e in extras]
             lines.append("| " + " | ".join(cells) + " |")
             notes += [f"- {size}: {r.contender}: {r.status}, {r.note}" for r in at.values()
