@@ -324,12 +324,13 @@ def tables(results: list[Result], meta: dict[str, str], size_name: str = "size")
            f"{meta['date']}", f"command: `{meta['command']}`", f"timing: {meta['timing']}", ""]
     for group in dict.fromkeys(r.group for r in results):
         rows = [r for r in results if r.group == group]
-        shown = list(dict.fromkeys(r.contender for r in rows if r.role not in (CEILING, "extra")))
-        extras = list(dict.fromkeys(r.contender for r in rows if r.role == "extra"))
-        baselines = list(dict.fromkeys(r.contender for r in rows if r.role == BASELINE))
+        def named(*roles: str) -> list[str]:
+            return list(dict.fromkeys(r.contender for r in rows if r.role in roles))
+        shown, others, extras = named(SUBJECT, BASELINE), named(OTHER), named("extra")
+        baselines = named(BASELINE)
         has_ceiling = any(r.role == CEILING for r in rows)
-        cols = [size_name] + [f"{n} us" for n in shown]
-        cols += ["ceiling us", "% of ceiling"] * has_ceiling + [f"x {b}" for b in baselines] + extras
+        cols = [size_name] + [f"{n} us" for n in shown] + ["ceiling us", "% of ceiling"] * has_ceiling
+        cols += [f"x {b}" for b in baselines] + [f"{n} us" for n in others] + extras
         lines = [f"### {group}", "", "| " + " | ".join(cols) + " |",
                  "|" + "|".join("---:" for _ in cols) + "|"]
         notes = []
@@ -347,6 +348,7 @@ def tables(results: list[Result], meta: dict[str, str], size_name: str = "size")
             for b in baselines:
                 cells.append(_ratio(at[b], subject) if subject and b in ok and subject.contender in ok
                              else "")
+            cells += [_us(at[n]) if n in at else "" for n in others]
             cells += [at[e].note if e in at else "" for e in extras]
             lines.append("| " + " | ".join(cells) + " |")
             notes += [f"- {size}: {r.contender}: {r.status}, {r.note}" for r in at.values()

@@ -24,4 +24,4 @@ py="$venv/bin/python"
 if [ "$job" = test ]; then
   exec "$py" -m pytest -q "$@"
 fi
-exec "$py" tools/benchmark.py --main "$@"
+exec "$py" benchmarks/main.py "$@"
