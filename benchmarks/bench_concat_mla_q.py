@@ -46,7 +46,8 @@ def parser(doc: str, layouts: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="comma list of bf16, fp16 (default bf16)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="CSV, JSON, MD, PNG go here")
     p.add_argument("--rounds", type=int, help="interleaved rounds per size (default: CUDA 5, CPU 15)")
-    p.add_argument("--threads", type=int, default=2, help="CPU: torch threads (default 2)")
+    p.add_argument("--threads", type=int, help="CPU: torch threads (default 2, fewer when other "
+                   "processes keep cores busy: the header says so)")
     return p
 
 
@@ -54,7 +55,8 @@ def sweep(args: argparse.Namespace) -> tuple[h.Settings, list[tuple[str, str, in
     """Settings and the (dtype, layout, heads, tokens) groups the options ask for."""
     device = torch.device(args.device)
     kind = device.type
-    s = h.Settings(device, rounds=args.rounds, threads=args.threads)
+    s = h.Settings(device, rounds=args.rounds, threads=args.threads,
+                   max_threads=2)
     groups = []
     for dtype in args.dtype.split(","):
         for layout in args.layout.split(","):

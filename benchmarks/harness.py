@@ -38,6 +38,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,12 +95,23 @@ class Settings:
     rounds: int | None = None  # None: 5 on CUDA; 15 short ones on CPU, where neighbours are noisier
     calls: int = 100  # CUDA: calls per graph
     round_s: float | None = None  # per contender per round; None: 50 ms on CUDA, 20 ms on CPU
-    threads: int = field(default_factory=torch.get_num_threads)  # CPU
+    threads: int | None = None  # CPU; None: torch.get_num_threads() capped by the idle cores
+    max_threads: int | None = None  # CPU; caps the None case, e.g. at the op's usual thread count
 
     def __post_init__(self):
         cuda = self.device.type == "cuda"
         self.rounds = self.rounds or (5 if cuda else 15)
         self.round_s = self.round_s or (0.05 if cuda else 0.02)
+        self.threads_note = ""
+        if not cuda and self.threads is None:
+            self.threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
+            idle = _idle_cores()
+            if idle is not None and idle + 0.5 < self.threads:
+                # Threads of a parallel region wait for each other: one sharing its core with
+                # other work stalls the whole region for scheduler slices, which no statistic
+                # recovers. Fewer threads give numbers that mean something.
+                self.threads_note = f" (of {self.threads}: only {idle:.1f} cores were idle)"
+                self.threads = max(1, int(idle + 0.5))
         self.cpu_at_start = _cpu_seconds()
 
 
@@ -258,7 +270,8 @@ def header(title: str, s: Settings) -> dict[str, str]:
         timing = "CUDA graph of {} calls, median replay / {} (q20-q80 spread)".format(s.calls, s.calls)
     else:
         name = _cpu_name()
-        timing = f"torch.utils.benchmark blocked_autorange, {s.threads} threads (median, IQR spread)"
+        timing = (f"torch.utils.benchmark blocked_autorange, {s.threads} thread(s){s.threads_note} "
+                  "(median, IQR spread)")
         name += f" ({os.cpu_count()} cores{_other_work(s.cpu_at_start)})"
     return {"title": title, "device": name, "torch": torch.__version__,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -277,17 +290,24 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
     return t.elapsed, busy, t.user + t.system + t.children_user + t.children_system
 
 
+def _idle_cores(seconds: float = 0.5) -> float | None:
+    """Cores that other processes left idle over the next ``seconds``."""
+    start = _cpu_seconds()
+    time.sleep(seconds)
+    end = _cpu_seconds()
+    if start is None or end is None:
+        return None
+    return os.cpu_count() - ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+
+
 def _other_work(start: tuple[float, float, float] | None) -> str:
-    # Threads of a parallel region wait for each other: one that shares its core with other work
-    # stalls the whole region for a scheduler slice, which no statistic recovers. So say so.
     end = _cpu_seconds()
     if start is None or end is None or end[0] <= start[0]:
         return ""
     others = ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
     if others < 0.2:
         return f"; other processes used {others:.1f} cores meanwhile"
-    return (f"; other processes used {others:.1f} cores meanwhile: expect noise, "
-            "fewer --threads suffer less")
+    return f"; other processes used {others:.1f} cores meanwhile: expect noise"
 
 
 def _cpu_name() -> str:
