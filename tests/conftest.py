@@ -1,5 +1,6 @@
 """Shared fixtures of the vllm_mla_ops suite: the device parametrization, the per-test seed and the
-``--run-large`` switch. The data helpers (random bits, layouts, checks) live in mla_helpers.py."""
+``--run-large`` switch. Data, layouts and references come from vllm_mla_ops.testing; pytest
+parameters and the storage-wide checks from mla_helpers.py."""
 
 from __future__ import annotations
 

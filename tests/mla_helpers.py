@@ -1,13 +1,13 @@
-"""Helpers shared by the tests: random bit patterns, tensor layouts, the torch.cat reference, and the
-two checks every test ends in (the op wrote exactly the reference / the op raised and wrote nothing).
+"""What the tests share beyond vllm_mla_ops.testing: pytest parameters (dtypes, entry points, layout
+combinations, the CUDA kernels' pack and launch paths) and the two checks every test ends in, for
+either op: the op wrote exactly the reference, or it raised and wrote nothing.
 
-Every check compares raw bytes of whole storages, so a write outside q_out's elements (into a gap of a
-strided q_out, or into an input) fails as surely as a wrong value, and NaN payloads count.
+Both checks compare raw bytes of whole storages, so a write outside q_out's elements (into a gap of a
+strided q_out, an input, the scale) fails as surely as a wrong value.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Sequence
 
@@ -15,111 +15,109 @@ import pytest
 import torch
 
 import vllm_mla_ops
+from vllm_mla_ops.testing import (
+    assert_bitwise_equal,
+    assert_fp8_equal,
+    bits,
+    contiguous,
+    heads_major,
+    heads_stride_0,
+    inside_bigger,
+    last_dim_stride_2,
+    nope_of_kv,
+    one_head,
+    reference,
+    reference_fp8,
+    rope_of_latent,
+    shifted,
+    split_of_wider,
+    token_stride_0,
+)
 
+FP8 = torch.float8_e4m3fn
 HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 
-op = torch.ops._C.concat_mla_q.default
 
-
-def call_op(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> torch.Tensor:
-    op(ql_nope, q_pe, q_out)
+def call_op(ql_nope, q_pe, q_out, scale=None):
+    """The raw schema: concat_mla_q(ql_nope, q_pe, q_out), or concat_mla_q_fp8(..., q_out, scale)."""
+    if scale is None:
+        torch.ops._C.concat_mla_q.default(ql_nope, q_pe, q_out)
+    else:
+        torch.ops._C.concat_mla_q_fp8.default(ql_nope, q_pe, q_out, scale)
     return q_out
 
 
-def call_api(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> torch.Tensor:
-    return vllm_mla_ops.concat_mla_q(ql_nope, q_pe, q_out)
+def call_api(ql_nope, q_pe, q_out, scale=None):
+    """The Python API with a given q_out, which it must return."""
+    if scale is None:
+        result = vllm_mla_ops.concat_mla_q(ql_nope, q_pe, q_out)
+    else:
+        result = vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, scale, q_out)
+    assert result is q_out
+    return result
 
 
 ENTRY_POINTS = [pytest.param(call_op, id="op"), pytest.param(call_api, id="api")]
 
 
-# ----------------------------------------------------------------------------------------- data
-
-
-def random_bits(shape: Sequence[int], dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A fresh contiguous tensor of uniformly random bit patterns (NaNs, infs and denormals included)."""
-    shape = tuple(shape)
-    numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if itemsize == 2:
-        raw = torch.randint(-32768, 32768, (numel,), dtype=torch.int16, device=device)
-    else:
-        raw = torch.randint(0, 256, (numel * itemsize,), dtype=torch.uint8, device=device)
-    return raw.view(dtype).view(shape)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The same elements as int16 bit patterns (a view: strides and storage are kept)."""
-    assert t.element_size() == 2, t.dtype
-    return t.view(torch.int16)
-
-
-def reference(ql_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-    """torch.cat of the two inputs along the last dim, as int16 bits, with a 1-head q_pe broadcast."""
-    tokens, heads, _ = ql_nope.shape
-    return torch.cat([bits(ql_nope), bits(q_pe).expand(tokens, heads, q_pe.shape[2])], dim=-1)
+def scalar(value: float, device) -> torch.Tensor:
+    """A per-tensor scale: one float32 element."""
+    return torch.tensor([value], dtype=torch.float32, device=device)
 
 
 # ------------------------------------------------------------------------------------- layouts
-# Each layout builds a view of logical `shape` over a buffer of fresh random bits, so its elements
-# and any gaps around them are random too. Inputs and outputs use the same builders.
+
+# (ql_nope, q_pe, q_out) layouts of the tests that enumerate: the engines' layouts and one of each
+# stride kind; tests/test_properties.py draws every other combination.
+LAYOUTS = [
+    pytest.param(contiguous, contiguous, contiguous, id="contiguous"),
+    pytest.param(heads_major, split_of_wider, contiguous, id="decode"),
+    pytest.param(heads_major, split_of_wider, inside_bigger, id="decode-into-padded-out"),
+    pytest.param(contiguous, one_head, contiguous, id="rope-1-head"),
+    pytest.param(nope_of_kv, rope_of_latent, contiguous, id="k-side"),
+    pytest.param(contiguous, heads_stride_0, inside_bigger, id="rope-expanded"),
+    pytest.param(last_dim_stride_2, last_dim_stride_2, last_dim_stride_2, id="last-dims-stride-2"),
+    pytest.param(inside_bigger, token_stride_0, heads_major, id="in-bigger-tokens-stride-0"),
+    pytest.param(heads_major, one_head, last_dim_stride_2, id="decode-1-head-out-stride-2"),
+]
+
+# (nope_dim, rope_dim, heads) of public MLA models, before tensor parallelism divides the heads.
+MODEL_GEOMETRIES = [
+    pytest.param(512, 64, 128, id="deepseek-v3-512+64x128h"),
+    pytest.param(512, 64, 16, id="deepseek-v2-lite-512+64x16h"),
+    pytest.param(512, 64, 64, id="kimi-k2-512+64x64h"),
+    pytest.param(256, 32, 40, id="minicpm3-256+32x40h"),
+]
+
+# (nope_dim, rope_dim): widths that allow 8-, 4-, 2- and 1-element packs; 1100 + 64 with a strided
+# last dim is a row of more packs than the CUDA kernel's one-row blocks have threads.
+WIDTHS = [pytest.param(n, r, id=f"{n}+{r}")
+          for n, r in [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0), (1100, 64)]]
+
+# (tokens, heads): up to 512 rows (tokens * heads) the CUDA kernels run one block a row, above that
+# several rows a block; these cover both launch paths and the boundary.
+ROW_COUNTS = [(1, 16), (4, 128), (513, 1), (7, 128), (300, 16)]
+LAUNCH_PATHS = [pytest.param(4, 128, id="512-rows"), pytest.param(7, 128, id="896-rows")]
+
+# (nope layout, rope layout, out layout): which pack width each combination allows is in the id.
+ALIGNMENTS = [
+    pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),
+    pytest.param(shifted(1), shifted(0), shifted(0), id="nope-off-by-1"),
+    pytest.param(shifted(0), shifted(1), shifted(0), id="pe-off-by-1"),
+    pytest.param(shifted(0), shifted(0), shifted(1), id="out-off-by-1"),
+    pytest.param(shifted(0), shifted(0), shifted(2), id="out-off-by-2"),
+    pytest.param(shifted(0), shifted(0), shifted(4), id="out-off-by-4"),
+    pytest.param(shifted(2), shifted(2), shifted(2), id="all-off-by-2"),
+    pytest.param(shifted(4), shifted(4), shifted(4), id="all-off-by-4"),
+    pytest.param(shifted(0, 1), shifted(0), shifted(0, 1), id="odd-row-pitch"),
+    pytest.param(shifted(0, 4), shifted(0, 2), shifted(0, 4), id="row-pitch-4-2-4"),
+    pytest.param(last_dim_stride_2, last_dim_stride_2, shifted(0), id="inputs-last-stride-2"),
+    pytest.param(shifted(0), shifted(0), last_dim_stride_2, id="out-last-stride-2"),
+    pytest.param(heads_major, split_of_wider, inside_bigger, id="decode-into-padded-out"),
+]
 
 
-def contiguous(shape, dtype, device):
-    return random_bits(shape, dtype, device)
-
-
-def heads_major(shape, dtype, device):
-    """The decode layout of ql_nope: the [heads, tokens, dim] bmm output, transposed."""
-    t, h, d = shape
-    return random_bits((h, t, d), dtype, device).transpose(0, 1)
-
-
-def split_of_wider(shape, dtype, device):
-    """q_pe in the decode layout: q[..., 128:192] of q = [tokens, heads, 128 + rope]."""
-    t, h, d = shape
-    return random_bits((t, h, 128 + d), dtype, device)[..., 128:]
-
-
-def last_dim_stride_2(shape, dtype, device):
-    t, h, d = shape
-    return random_bits((t, h, 2 * d), dtype, device)[..., ::2]
-
-
-def inside_bigger(shape, dtype, device):
-    """A view with a storage offset and padding on every dim of a bigger buffer."""
-    t, h, d = shape
-    return random_bits((t + 3, h + 2, d + 5), dtype, device)[1 : 1 + t, 2 : 2 + h, 3 : 3 + d]
-
-
-def token_stride_0(shape, dtype, device):
-    """One row of each head, broadcast to every token (stride 0 along tokens)."""
-    t, h, d = shape
-    return random_bits((1, h, d), dtype, device).expand(t, h, d)
-
-
-def heads_stride_0(shape, dtype, device):
-    """A 1-head rope row expanded to every head (stride 0 along heads)."""
-    t, h, d = shape
-    return random_bits((t, 1, d), dtype, device).expand(t, h, d)
-
-
-def one_head(shape, dtype, device):
-    """The [tokens, 1, rope] form of q_pe, shared by all heads."""
-    t, _, d = shape
-    return random_bits((t, 1, d), dtype, device)
-
-
-NOPE_LAYOUTS = [contiguous, heads_major, last_dim_stride_2, inside_bigger, token_stride_0]
-PE_LAYOUTS = [contiguous, split_of_wider, last_dim_stride_2, token_stride_0, one_head, heads_stride_0]
-OUT_LAYOUTS = [contiguous, heads_major, last_dim_stride_2, inside_bigger]
-
-
-def layout_params(layouts):
-    return [pytest.param(f, id=f.__name__) for f in layouts]
-
-
-# -------------------------------------------------------------------------------------- checks
+# ------------------------------------------------------------------------------------- storages
 
 
 def storage_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -140,103 +138,59 @@ def snapshot(*tensors: torch.Tensor) -> dict:
     return {key: storage_bytes(t).clone() for key, t in _storages(*tensors).items()}
 
 
-def _first_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
-    diff = (actual != expected).nonzero()
-    return f"{diff.shape[0]} bytes differ, first at byte {diff[0].item()}" if diff.numel() else "equal"
-
-
 def assert_storages(before: dict, tensors: Sequence[torch.Tensor], what: str) -> None:
     for key, t in _storages(*tensors).items():
         now = storage_bytes(t)
-        assert torch.equal(now, before[key]), f"{what}: {_first_difference(now, before[key])}"
+        changed = (now != before[key]).nonzero()
+        assert not changed.numel(), f"{what}: {changed.shape[0]} bytes differ, first at byte {changed[0].item()}"
 
 
-def check_writes_reference(
-    ql_nope: torch.Tensor,
-    q_pe: torch.Tensor,
-    q_out: torch.Tensor,
-    call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] = call_op,
-) -> object:
-    """Runs `call` and asserts that q_out's elements hold torch.cat's bits and that every other byte
-    of every storage involved (gaps in q_out's buffer, the inputs) is unchanged."""
-    check = expect_reference(ql_nope, q_pe, q_out)
-    result = call(ql_nope, q_pe, q_out)
-    check()
-    return result
+def expected_output(ql_nope, q_pe, scale=None) -> tuple[torch.Tensor, Callable]:
+    """The reference q_out of either op (the fp8 one when `scale` is given) and the comparison its
+    contract calls for: assert_bitwise_equal, or assert_fp8_equal for the fp8 op's NaN signs."""
+    if scale is None:
+        return reference(ql_nope, q_pe), assert_bitwise_equal
+    return reference_fp8(ql_nope, q_pe, scale), assert_fp8_equal
 
 
-def check_rejected(
-    ql_nope,
-    q_pe,
-    q_out,
-    message: str,
-    call: Callable = call_op,
-    error: type[BaseException] = RuntimeError,
-) -> None:
-    """Asserts that `call` raises `error` containing `message` and leaves every byte of every tensor
-    argument's storage as it was."""
-    tensors = [t for t in (ql_nope, q_pe, q_out) if isinstance(t, torch.Tensor)]
-    before = snapshot(*tensors)
-    with pytest.raises(error, match=re.escape(message)):
-        call(ql_nope, q_pe, q_out)
-    assert_storages(before, tensors, "a rejected call wrote")
-
-
-def expect_reference(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> Callable[[], None]:
+def expect_reference(ql_nope, q_pe, q_out, scale=None) -> Callable[[], None]:
     """check_writes_reference in two halves, for calls made elsewhere (another thread, a loop):
-    captures the expected bytes now and returns a function that asserts them after the call."""
-    expected_out = reference(ql_nope, q_pe).clone()
-    before = snapshot(ql_nope, q_pe, q_out)
-    out_key = next(iter(_storages(q_out)))
-    expected = dict(before)
-    expected[out_key] = before[out_key].clone()
-    region = expected[out_key].view(torch.int16).as_strided(q_out.shape, q_out.stride(), q_out.storage_offset())
-    region.copy_(expected_out)
+    captures the expected result and every storage now, and returns the function that checks them."""
+    expected, compare = expected_output(ql_nope, q_pe, scale)
+    tensors = [t for t in (ql_nope, q_pe, q_out, scale) if t is not None]
+    before = snapshot(*tensors)
 
     def check() -> None:
-        assert torch.equal(bits(q_out), expected_out), "q_out differs from torch.cat"
-        assert_storages(expected, (ql_nope, q_pe, q_out), "bytes outside q_out's elements changed")
+        compare(q_out, expected)
+        # q_out's elements are checked above; the snapshot takes them as they are, so the storage
+        # comparison sees every other byte.
+        (key,) = _storages(q_out)
+        region = torch.empty(0, dtype=bits(q_out).dtype, device=q_out.device)
+        region.set_(before[key].untyped_storage(), q_out.storage_offset(), q_out.shape, q_out.stride())
+        region.copy_(bits(q_out))
+        assert_storages(before, tensors, "bytes outside q_out's elements changed")
 
     return check
 
 
-def shifted(offset: int, row_pad: int = 0):
-    """A layout whose data starts `offset` elements into its buffer and whose rows are `row_pad`
-    elements apart: offset 1 or an odd pad leaves rows off every 16-, 8- and 4-byte boundary (the
-    CUDA kernels' narrower pack paths)."""
-    def layout(shape, dtype, device):
-        t, h, d = shape
-        buf = random_bits((offset + t * h * (d + row_pad),), dtype, device)
-        return buf[offset:].view(t, h, d + row_pad)[..., :d]
-    layout.__name__ = f"offset{offset}_pad{row_pad}"
-    return layout
+def check_writes_reference(ql_nope, q_pe, q_out, scale=None, call: Callable = call_op):
+    """Runs `call` (with `scale` last when given: the fp8 op) and asserts that q_out's elements hold
+    the reference and that no other byte of any storage involved changed; returns what `call` did."""
+    check = expect_reference(ql_nope, q_pe, q_out, scale)
+    result = call(ql_nope, q_pe, q_out) if scale is None else call(ql_nope, q_pe, q_out, scale)
+    check()
+    return result
 
 
-# (nope_dim, rope_dim): widths that allow 8-, 4-, 2- and 1-element vectors; 1100 + 64 with a strided
-# last dim is a row of more packs than the CUDA kernel's one-row blocks have threads.
-WIDTHS = [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0), (1100, 64)]
-WIDTH_IDS = [f"{n}+{r}" for n, r in WIDTHS]
-
-# (tokens, heads): the CUDA kernels run up to 512 rows (tokens * heads) one block a row and more
-# rows a block each above that; these cover both launch paths and the boundary.
-ROW_COUNTS = [(1, 16), (4, 128), (513, 1), (7, 128), (300, 16)]
-
-# (nope layout, rope layout, out layout): which pack width each combination allows is in the id.
-ALIGNMENTS = [
-    pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),
-    pytest.param(shifted(1), shifted(0), shifted(0), id="nope-off-by-1"),
-    pytest.param(shifted(0), shifted(1), shifted(0), id="pe-off-by-1"),
-    pytest.param(shifted(0), shifted(0), shifted(1), id="out-off-by-1"),
-    pytest.param(shifted(0), shifted(0), shifted(2), id="out-off-by-2"),
-    pytest.param(shifted(0), shifted(0), shifted(4), id="out-off-by-4"),
-    pytest.param(shifted(2), shifted(2), shifted(2), id="all-off-by-2"),
-    pytest.param(shifted(4), shifted(4), shifted(4), id="all-off-by-4"),
-    pytest.param(shifted(0, 1), shifted(0), shifted(0, 1), id="odd-row-pitch"),
-    pytest.param(shifted(0, 4), shifted(0, 2), shifted(0, 4), id="row-pitch-4-2-4"),
-    pytest.param(last_dim_stride_2, last_dim_stride_2, shifted(0), id="inputs-last-stride-2"),
-    pytest.param(shifted(0), shifted(0), last_dim_stride_2, id="out-last-stride-2"),
-    pytest.param(heads_major, split_of_wider, inside_bigger, id="decode-into-padded-out"),
-]
+def check_rejected(args: Sequence, message: str, call: Callable = call_op,
+                   error: type[BaseException] = RuntimeError) -> None:
+    """Asserts that `call(*args)` raises `error` containing `message` and leaves every byte of every
+    tensor argument's storage as it was."""
+    tensors = [t for t in args if isinstance(t, torch.Tensor)]
+    before = snapshot(*tensors)
+    with pytest.raises(error, match=re.escape(message)):
+        call(*args)
+    assert_storages(before, tensors, "a rejected call wrote")
 
 
 def inductor_call_body(codes: list[str]) -> str:

@@ -7,19 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mla_helpers import (
-    ALIGNMENTS,
-    HALF_DTYPES,
-    ROW_COUNTS,
-    WIDTHS,
-    WIDTH_IDS,
+from mla_helpers import ALIGNMENTS, HALF_DTYPES, LAUNCH_PATHS, ROW_COUNTS, WIDTHS, check_rejected, check_writes_reference
+from vllm_mla_ops.testing import (
+    assert_bitwise_equal,
     bits,
-    check_rejected,
-    check_writes_reference,
-    contiguous,
+    engine_inputs,
     heads_major,
     inside_bigger,
-    last_dim_stride_2,
     one_head,
     random_bits,
     reference,
@@ -31,16 +25,25 @@ pytestmark = pytest.mark.cuda
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
-@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=WIDTH_IDS)
+@pytest.mark.parametrize("tokens, heads", LAUNCH_PATHS)
+@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
-def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout, nope_dim, rope_dim,
-                                             tokens, heads, dtype):
+def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, tokens, heads):
+    """Every pack width (16, 8, 4, 2 bytes, one element) that alignment and widths select, on both
+    launch paths. One dtype: the copy moves bytes, so fp16 and bf16 differ only in the launch tests."""
+    dtype = torch.bfloat16
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
     q_pe = pe_layout((tokens, heads, rope_dim), dtype, "cuda")
     q_out = out_layout((tokens, heads, nope_dim + rope_dim), dtype, "cuda")
     check_writes_reference(ql_nope, q_pe, q_out)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
+@pytest.mark.parametrize("case", ["decode", "k_side"])
+def test_row_counts_match_cat(case, tokens, heads, dtype):
+    """Both launch paths and the boundary between them, in the engines' layouts."""
+    check_writes_reference(*engine_inputs(case, tokens, heads, dtype, "cuda"))
 
 
 @pytest.mark.parametrize("pe_layout", [split_of_wider, one_head], ids=["pe-split", "pe-1-head"])
@@ -74,21 +77,19 @@ def test_cuda_graph_replays_with_new_inputs(pe_layout):
 def test_runs_on_the_current_stream():
     """With the default stream held busy by a long kernel, the op issued on a side stream has run
     once that side stream is done: it was queued on the side stream, not on the default one."""
-    ql_nope = heads_major((300, 16, 512), torch.float16, "cuda")
-    q_pe = split_of_wider((300, 16, 64), torch.float16, "cuda")
-    q_out = random_bits((300, 16, 576), torch.float16, "cuda")
+    ql_nope, q_pe, q_out = engine_inputs("decode", 300, 16, torch.float16, "cuda")
     expected = reference(ql_nope, q_pe).cpu()
-    landed = torch.empty(expected.shape, dtype=torch.int16, pin_memory=True)
+    landed = torch.empty(expected.shape, dtype=expected.dtype, pin_memory=True)
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
     torch.cuda._sleep(1 << 30)  # about half a second of GPU clock cycles, on the default stream
     with torch.cuda.stream(side):
         torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
-        landed.copy_(bits(q_out), non_blocking=True)
+        bits(landed).copy_(bits(q_out), non_blocking=True)
     side.synchronize()
     default_still_busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
-    assert torch.equal(landed, expected)
+    assert_bitwise_equal(landed, expected)
     if not default_still_busy:  # e.g. under compute-sanitizer, where the side stream ran slower
         pytest.skip("inconclusive: the default stream finished first, so this run cannot tell the streams apart")
 
@@ -115,12 +116,12 @@ def test_compile_reduce_overhead_uses_cuda_graphs():
         compiled = torch.compile(_build_query, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up, recording, replay
             ql_nope, q_pe = fresh_inputs()
-            assert torch.equal(bits(compiled(ql_nope, q_pe)), reference(ql_nope, q_pe))
+            assert_bitwise_equal(compiled(ql_nope, q_pe), reference(ql_nope, q_pe))
         ql_nope, q_pe = fresh_inputs()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             q_out = compiled(ql_nope, q_pe)
             torch.cuda.synchronize()
-        assert torch.equal(bits(q_out), reference(ql_nope, q_pe))
+        assert_bitwise_equal(q_out, reference(ql_nope, q_pe))
         assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
         assert "cudaGraphLaunch" in {event.name for event in prof.events()}
     finally:
@@ -131,14 +132,12 @@ def test_compile_reduce_overhead_uses_cuda_graphs():
 def test_more_than_2_pow_31_elements():
     """32768 tokens x 128 heads x 576: q_out has 2.4e9 elements, offsets past 2^31 (about 16 GB)."""
     tokens, heads, dtype = 32768, 128, torch.bfloat16
-    ql_nope = heads_major((tokens, heads, 512), dtype, "cuda")
-    q_pe = split_of_wider((tokens, heads, 64), dtype, "cuda")
-    q_out = random_bits((tokens, heads, 576), dtype, "cuda")
+    ql_nope, q_pe, q_out = engine_inputs("decode", tokens, heads, dtype, "cuda")
     assert q_out.numel() > 2**31
     torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
     for t in (0, 1, tokens // 2, tokens - 2, tokens - 1):
-        assert torch.equal(bits(q_out[t]), reference(ql_nope[t : t + 1], q_pe[t : t + 1])[0]), f"token {t}"
-    assert torch.equal(bits(q_out), reference(ql_nope, q_pe))
+        assert_bitwise_equal(q_out[t], reference(ql_nope[t : t + 1], q_pe[t : t + 1])[0], f"token {t}")
+    assert_bitwise_equal(q_out, reference(ql_nope, q_pe))
 
 
 # ------------------------------------------------------------------------------- two GPUs
@@ -214,4 +213,4 @@ def test_tensors_on_two_gpus_raise(which):
         q_pe = q_pe.to("cuda:1")
     else:
         q_out = q_out.to("cuda:1")
-    check_rejected(ql_nope, q_pe, q_out, f"concat_mla_q: {which} must be on ql_nope's device cuda:0, got cuda:1")
+    check_rejected((ql_nope, q_pe, q_out), f"concat_mla_q: {which} must be on ql_nope's device cuda:0, got cuda:1")

@@ -10,149 +10,50 @@ its value of the moment)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
-from torch._inductor.utils import run_and_get_code
 
 import vllm_mla_ops
 from mla_helpers import (
     ALIGNMENTS,
+    ENTRY_POINTS,
+    FP8,
     HALF_DTYPES,
+    LAUNCH_PATHS,
+    LAYOUTS,
+    MODEL_GEOMETRIES,
     ROW_COUNTS,
     WIDTHS,
-    WIDTH_IDS,
+    call_api,
+    call_op,
+    check_rejected,
+    check_writes_reference,
+    scalar,
+)
+from vllm_mla_ops.testing import (
+    assert_fp8_equal,
+    bits,
     contiguous,
+    engine_inputs,
     heads_major,
-    heads_stride_0,
-    inductor_call_body,
     inside_bigger,
-    last_dim_stride_2,
     one_head,
     random_bits,
+    reference_fp8,
     split_of_wider,
-    storage_bytes,
-    token_stride_0,
 )
-
-FP8 = torch.float8_e4m3fn
-op = torch.ops._C.concat_mla_q_fp8.default
-
-
-def call_op(ql_nope, q_pe, q_out, scale):
-    op(ql_nope, q_pe, q_out, scale)
-    return q_out
-
-
-def call_api(ql_nope, q_pe, q_out, scale):
-    result = vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, scale, q_out)
-    assert result is q_out
-    return result
-
-
-def call_ops_wrapper(ql_nope, q_pe, q_out, scale):
-    vllm_mla_ops.ops.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)
-    return q_out
-
-
-ENTRY_POINTS = [pytest.param(call_op, id="op"), pytest.param(call_api, id="api"),
-                pytest.param(call_ops_wrapper, id="ops")]
-
-# ------------------------------------------------------------------------------ reference, checks
-
-
-def reference_fp8(ql_nope: torch.Tensor, q_pe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    tokens, heads, _ = ql_nope.shape
-    cat = torch.cat((ql_nope, q_pe.expand(tokens, heads, q_pe.shape[2])), -1)
-    return (cat.float() * scale.reciprocal()).clamp(-448, 448).to(FP8)
-
-
-def make_scale(value: float, device) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.float32, device=device)
-
-
-def assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "q_out") -> None:
-    """Byte-equal, except that where `expected` is NaN (e4m3fn: byte & 0x7f == 0x7f) `actual` need
-    only be NaN too, of either sign."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype == FP8
-    a = actual.view(torch.uint8)
-    e = expected.view(torch.uint8)
-    if torch.equal(a, e):
-        return
-    e_nan = (e & 0x7F) == 0x7F
-    a_nan = (a & 0x7F) == 0x7F
-    bad = (e_nan != a_nan) | (~e_nan & (a != e))
-    if bool(bad.any()):
-        idx = bad.nonzero()[0].tolist()
-        raise AssertionError(f"{what} differs from the reference in {int(bad.sum())} of {bad.numel()} "
-                             f"elements; first at {idx}: got 0x{int(a[tuple(idx)]):02x}, "
-                             f"expected 0x{int(e[tuple(idx)]):02x}")
-
-
-def _key(t: torch.Tensor):
-    s = t.untyped_storage()
-    return (t.device, s.data_ptr(), s.nbytes())
-
-
-def _snapshot(tensors) -> dict:
-    found = {}
-    for t in tensors:
-        found.setdefault(_key(t), (t, storage_bytes(t).clone()))
-    return found
-
-
-def _diff(now: torch.Tensor, before: torch.Tensor) -> str:
-    where = (now != before).nonzero()
-    return f"{where.shape[0]} bytes changed, first at byte {where[0].item()}" if where.numel() else "equal"
-
-
-def check_fp8(ql_nope, q_pe, q_out, scale, call=call_op, expected=None):
-    """Runs `call`; asserts q_out's elements match the reference and no other byte of any storage
-    involved changed (gaps in q_out's buffer, the inputs, the scale, shared buffers included)."""
-    assert q_out.dtype == FP8
-    if expected is None:
-        expected = reference_fp8(ql_nope, q_pe, scale)
-    before = _snapshot((ql_nope, q_pe, q_out, scale))
-    result = call(ql_nope, q_pe, q_out, scale)
-    assert_fp8_equal(q_out, expected)
-    out_key = _key(q_out)
-    for key, (t, old) in before.items():
-        now = storage_bytes(t)
-        if key == out_key:  # q_out's elements are checked above; every other byte must be as before
-            region = (q_out.shape, q_out.stride(), q_out.storage_offset())
-            old.as_strided(*region).copy_(now.as_strided(*region))
-        assert torch.equal(now, old), f"bytes outside q_out's elements changed: {_diff(now, old)}"
-    return result
-
-
-def check_fp8_rejected(ql_nope, q_pe, q_out, scale, message, call=call_op):
-    """`call` raises RuntimeError containing `message` and every byte of every storage is unchanged."""
-    tensors = [t for t in (ql_nope, q_pe, q_out, scale) if isinstance(t, torch.Tensor)]
-    before = _snapshot(tensors)
-    with pytest.raises(RuntimeError, match=re.escape(message)):
-        call(ql_nope, q_pe, q_out, scale)
-    for t, old in before.values():
-        now = storage_bytes(t)
-        assert torch.equal(now, old), f"a rejected call wrote: {_diff(now, old)}"
-
-
-def fp8_out(layout, shape, device):
-    """q_out in `layout` over a buffer of random bytes (poison, gaps included)."""
-    return layout(shape, FP8, device)
 
 
 def poison(q_out: torch.Tensor) -> None:
-    """Fresh random bytes in q_out's elements (written as uint8: no float8 arithmetic involved)."""
-    q_out.view(torch.uint8).copy_(random_bits(q_out.shape, torch.uint8, q_out.device))
+    """Fresh random bytes in q_out's elements (written as raw bytes: no float8 arithmetic involved)."""
+    bits(q_out).copy_(random_bits(q_out.shape, torch.uint8, q_out.device))
 
 # ------------------------------------------------------------------------------ scales
 
 # Scales and what they exercise. The reference's scale.reciprocal() may be inf (tiny scales: then
 # 0 * inf gives NaN) or subnormal (huge scales); the contract is the reference whatever it gives.
+# Scale 1 is test_every_output_kind's.
 SCALES = [
-    pytest.param(1.0, id="1"),
     pytest.param(1 / 448, id="1_448"),           # |x| > 1 saturates
     pytest.param(0.0037, id="0.0037"),           # inexact reciprocal, many saturate
     pytest.param(100.0, id="100"),               # many e4m3 subnormals and zeros
@@ -177,46 +78,48 @@ def test_every_bit_pattern(device, dtype, scale_value):
     ql_nope = torch.arange(-32768, 32768, dtype=torch.int32, device=device).to(torch.int16)
     ql_nope = ql_nope.view(dtype).view(64, 2, 512)
     q_pe = random_bits((64, 2, 64), dtype, device)
-    q_out = fp8_out(contiguous, (64, 2, 576), device)
-    check_fp8(ql_nope, q_pe, q_out, make_scale(scale_value, device))
+    q_out = contiguous((64, 2, 576), FP8, device)
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(scale_value, device))
 
 
-def test_reference_covers_the_interesting_outputs():
-    """A sanity check of the test data: random bits at the scales above give saturated values,
-    NaNs, zeros and e4m3 subnormals (so the tests above do exercise each)."""
-    x = random_bits((64, 2, 512), torch.float16, "cpu")
-    out = reference_fp8(x, x[..., :0], make_scale(1.0, "cpu")).view(torch.uint8) & 0x7F
-    for name, mask in (("saturated", out == 0x7E), ("NaN", out == 0x7F), ("zero", out == 0),
-                       ("subnormal", (out > 0) & (out < 8))):
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_every_output_kind(device, dtype):
+    """At scale 1 the op turns the 65536 input patterns into each kind of e4m3 output, hundreds of
+    times each: saturated +-448, NaN, +-0 and subnormals, all of them the reference's bytes."""
+    ql_nope = torch.arange(-32768, 32768, dtype=torch.int32, device=device).to(torch.int16)
+    ql_nope = ql_nope.view(dtype).view(64, 2, 512)
+    q_out = contiguous((64, 2, 512), FP8, device)
+    check_writes_reference(ql_nope, ql_nope[..., :0], q_out, scalar(1.0, device))
+    magnitude = bits(q_out) & 0x7F
+    for name, mask in (("saturated", magnitude == 0x7E), ("NaN", magnitude == 0x7F), ("zero", magnitude == 0),
+                       ("subnormal", (magnitude > 0) & (magnitude < 8))):
         assert int(mask.sum()) > 100, name
 
 # ------------------------------------------------------------------------------ layouts
 
-LAYOUTS = [
-    pytest.param(contiguous, contiguous, contiguous, id="contiguous"),
-    pytest.param(heads_major, split_of_wider, contiguous, id="decode"),
-    pytest.param(heads_major, split_of_wider, inside_bigger, id="decode-into-padded-out"),
-    pytest.param(contiguous, one_head, contiguous, id="rope-1-head"),
-    pytest.param(contiguous, heads_stride_0, inside_bigger, id="rope-expanded"),
-    pytest.param(last_dim_stride_2, last_dim_stride_2, last_dim_stride_2, id="last-dims-stride-2"),
-    pytest.param(inside_bigger, token_stride_0, heads_major, id="in-bigger-tokens-stride-0"),
-    pytest.param(heads_major, one_head, last_dim_stride_2, id="decode-1-head-out-stride-2"),
-]
-GEOMETRIES = [(512, 64), (256, 32), (7, 3), (513, 65)]
 
-
-@pytest.mark.parametrize("tokens, heads", [(0, 16), (1, 16), (257, 4)])
-@pytest.mark.parametrize("nope_dim, rope_dim", GEOMETRIES, ids=[f"{n}+{r}" for n, r in GEOMETRIES])
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", LAYOUTS)
+@pytest.mark.parametrize("nope_dim, rope_dim", [(512, 64), (7, 3)], ids=["512+64", "7+3"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_layouts_match_reference(device, dtype, nope_layout, pe_layout, out_layout, nope_dim, rope_dim,
-                                 tokens, heads):
+def test_layouts_match_reference(device, dtype, nope_dim, rope_dim, nope_layout, pe_layout, out_layout):
+    """The engines' layouts and one of each stride kind, at a few scales (q_out re-poisoned for
+    each); tests/test_properties.py draws the other combinations."""
+    tokens, heads = 33, 16
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, device)
     q_pe = pe_layout((tokens, heads, rope_dim), dtype, device)
-    q_out = fp8_out(out_layout, (tokens, heads, nope_dim + rope_dim), device)
+    q_out = out_layout((tokens, heads, nope_dim + rope_dim), FP8, device)
     for value in FEW_SCALES:
         poison(q_out)
-        check_fp8(ql_nope, q_pe, q_out, make_scale(value, device))
+        check_writes_reference(ql_nope, q_pe, q_out, scalar(value, device))
+
+
+@pytest.mark.parametrize("tokens", [1, 33])
+@pytest.mark.parametrize("nope_dim, rope_dim, heads", MODEL_GEOMETRIES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_model_geometries_match_reference(device, dtype, nope_dim, rope_dim, heads, tokens):
+    """The decode layout at the widths and head counts of public MLA models."""
+    ql_nope, q_pe, q_out = engine_inputs("decode", tokens, heads, dtype, device, nope_dim, rope_dim, out_dtype=FP8)
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(0.0037, device))
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -224,8 +127,8 @@ def test_layouts_match_reference(device, dtype, nope_layout, pe_layout, out_layo
 def test_degenerate_widths(device, entry, nope_dim, rope_dim):
     ql_nope = random_bits((5, 3, nope_dim), torch.bfloat16, device)
     q_pe = random_bits((5, 3, rope_dim), torch.bfloat16, device)
-    q_out = fp8_out(inside_bigger, (5, 3, nope_dim + rope_dim), device)
-    check_fp8(ql_nope, q_pe, q_out, make_scale(0.0037, device), call=entry)
+    q_out = inside_bigger((5, 3, nope_dim + rope_dim), FP8, device)
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(0.0037, device), call=entry)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -235,8 +138,8 @@ def test_empty_writes_nothing(device, entry, shape):
     tokens, heads = shape
     ql_nope = heads_major((tokens, heads, 512), torch.float16, device)
     q_pe = one_head((tokens, heads, 64), torch.float16, device)
-    q_out = fp8_out(inside_bigger, (tokens, heads, 576), device)
-    check_fp8(ql_nope, q_pe, q_out, make_scale(float("nan"), device), call=entry)
+    q_out = inside_bigger((tokens, heads, 576), FP8, device)
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(float("nan"), device), call=entry)
 
 
 @pytest.mark.parametrize("make", [
@@ -251,8 +154,8 @@ def test_scale_forms(device, make):
     assert scale.numel() == 1 and scale.item() == pytest.approx(0.0037)
     ql_nope = random_bits((9, 16, 512), torch.bfloat16, device)
     q_pe = random_bits((9, 16, 64), torch.bfloat16, device)
-    q_out = fp8_out(contiguous, (9, 16, 576), device)
-    check_fp8(ql_nope, q_pe, q_out, scale)
+    q_out = contiguous((9, 16, 576), FP8, device)
+    check_writes_reference(ql_nope, q_pe, q_out, scale)
 
 
 def test_scale_in_a_gap_of_q_out(device):
@@ -266,7 +169,7 @@ def test_scale_in_a_gap_of_q_out(device):
     scale.fill_(0.0037)
     ql_nope = random_bits((tokens, heads, nope_dim), torch.float16, device)
     q_pe = random_bits((tokens, heads, rope_dim), torch.float16, device)
-    check_fp8(ql_nope, q_pe, q_out, scale)
+    check_writes_reference(ql_nope, q_pe, q_out, scale)
 
 
 def test_q_out_shares_a_buffer_with_the_inputs(device):
@@ -277,9 +180,8 @@ def test_q_out_shares_a_buffer_with_the_inputs(device):
     ql_nope = buf[:n_bytes].view(torch.bfloat16).view(tokens, heads, nope_dim)
     q_pe = buf[n_bytes : n_bytes + p_bytes].view(torch.bfloat16).view(tokens, heads, rope_dim)
     q_out = buf[n_bytes + p_bytes :].view(FP8).view(tokens, heads, nope_dim + rope_dim)
-    scale = make_scale(0.5, device)
-    expected = reference_fp8(ql_nope, q_pe, scale)
-    check_fp8(ql_nope, q_pe, q_out, scale, expected=expected)
+    scale = scalar(0.5, device)
+    check_writes_reference(ql_nope, q_pe, q_out, scale)
 
 # ------------------------------------------------------------------------------ Python API
 
@@ -287,7 +189,7 @@ def test_q_out_shares_a_buffer_with_the_inputs(device):
 def test_api_allocates_float8_output(device):
     ql_nope = heads_major((7, 16, 512), torch.bfloat16, device)
     q_pe = split_of_wider((7, 16, 64), torch.bfloat16, device)
-    scale = make_scale(0.0037, device)
+    scale = scalar(0.0037, device)
     q_out = vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, scale)
     assert q_out.dtype == FP8 and q_out.shape == (7, 16, 576) and q_out.device == ql_nope.device
     assert_fp8_equal(q_out, reference_fp8(ql_nope, q_pe, scale))
@@ -296,16 +198,15 @@ def test_api_allocates_float8_output(device):
 def test_api_returns_given_output(device):
     ql_nope = random_bits((3, 4, 12), torch.float16, device)
     q_pe = one_head((3, 4, 4), torch.float16, device)
-    q_out = fp8_out(inside_bigger, (3, 4, 16), device)
-    check_fp8(ql_nope, q_pe, q_out, make_scale(2.0, device), call=call_api)
+    q_out = inside_bigger((3, 4, 16), FP8, device)
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(2.0, device), call=call_api)
 
 
 def test_api_bad_rank_raises_the_ops_error(device):
     """With q_out=None and a bad rank, the allocation does not mask the op's rank error."""
-    ql_nope = random_bits((3, 12), torch.float16, device)
-    q_pe = random_bits((3, 4, 4), torch.float16, device)
-    with pytest.raises(RuntimeError, match=re.escape("concat_mla_q_fp8: ql_nope must be 3-D")):
-        vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, make_scale(1.0, device))
+    args = (random_bits((3, 12), torch.float16, device), random_bits((3, 4, 4), torch.float16, device),
+            scalar(1.0, device))
+    check_rejected(args, "concat_mla_q_fp8: ql_nope must be 3-D", call=vllm_mla_ops.concat_mla_q_fp8)
 
 # ------------------------------------------------------------------------------ guards
 
@@ -315,7 +216,7 @@ W = N + R
 
 def _valid(device, dtype=torch.float16):
     return (random_bits((T, H, N), dtype, device), random_bits((T, H, R), dtype, device),
-            fp8_out(inside_bigger, (T, H, W), device), make_scale(0.5, device))
+            inside_bigger((T, H, W), FP8, device), scalar(0.5, device))
 
 
 def _replace(which, make, message):
@@ -331,15 +232,15 @@ def _overlap_out_nope(device):
     buf = random_bits((T * H * N * 2 + T * H * W,), torch.uint8, device)
     ql_nope = buf[: T * H * N * 2].view(torch.float16).view(T, H, N)
     q_out = buf[T * H * N * 2 - 1 : -1].view(FP8).view(T, H, W)
-    return (ql_nope, random_bits((T, H, R), torch.float16, device), q_out, make_scale(0.5, device),
+    return (ql_nope, random_bits((T, H, R), torch.float16, device), q_out, scalar(0.5, device),
             "concat_mla_q_fp8: q_out must not overlap ql_nope in memory")
 
 
 def _overlap_out_pe_expanded(device):
     """q_out's storage holds an expanded 1-head q_pe row: shared bytes through a stride-0 view."""
-    q_out = fp8_out(contiguous, (T, H, W), device)
+    q_out = contiguous((T, H, W), FP8, device)
     q_pe = q_out.view(torch.uint8)[2, 1, 8 : 8 + 2 * R].view(torch.float16).view(1, 1, R).expand(T, 1, R)
-    return (random_bits((T, H, N), torch.float16, device), q_pe, q_out, make_scale(0.5, device),
+    return (random_bits((T, H, N), torch.float16, device), q_pe, q_out, scalar(0.5, device),
             "concat_mla_q_fp8: q_out must not overlap q_pe in memory")
 
 
@@ -418,24 +319,11 @@ GUARDS = [
 ]
 
 
-@pytest.mark.parametrize("entry", [pytest.param(call_op, id="op"), pytest.param(call_api, id="api")])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("case", GUARDS)
 def test_guard_rejects_and_writes_nothing(device, case, entry):
     *args, message = case(device)
-    check_fp8_rejected(*args, message, call=entry)
-
-
-@pytest.mark.parametrize("case", [g for g in GUARDS if "overlap" not in g.id])
-def test_fake_raises_the_same_message(device, case):
-    """Under fake tensors (torch.compile's tracing) each guard but overlap (fake tensors have no
-    addresses) raises the validator's message."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    *args, message = case(device)
-    mode = FakeTensorMode()
-    fake_args = [mode.from_tensor(a) for a in args]
-    with mode, pytest.raises(RuntimeError, match=re.escape(message)):
-        op(*fake_args)
+    check_rejected(args, message, call=entry)
 
 
 def test_scale_just_outside_q_out_is_accepted(device):
@@ -444,8 +332,8 @@ def test_scale_just_outside_q_out_is_accepted(device):
     scale = buf[:4].view(torch.float32)
     scale.fill_(0.0037)
     q_out = buf[4:].view(FP8).view(T, H, W)
-    check_fp8(random_bits((T, H, N), torch.float16, device), random_bits((T, H, R), torch.float16, device),
-              q_out, scale)
+    check_writes_reference(random_bits((T, H, N), torch.float16, device),
+                           random_bits((T, H, R), torch.float16, device), q_out, scale)
 
 
 @pytest.mark.cuda
@@ -453,116 +341,40 @@ def test_scale_just_outside_q_out_is_accepted(device):
 def test_scale_on_another_device_raises(where):
     if where == "scale-on-cpu":
         ql_nope, q_pe, q_out, _ = _valid("cuda")
-        scale, message = make_scale(0.5, "cpu"), F + "scale must be on ql_nope's device cuda:0, got cpu"
+        scale, message = scalar(0.5, "cpu"), F + "scale must be on ql_nope's device cuda:0, got cpu"
     else:
         ql_nope, q_pe, q_out, _ = _valid("cpu")
-        scale, message = make_scale(0.5, "cuda"), F + "scale must be on ql_nope's device cpu, got cuda:0"
-    check_fp8_rejected(ql_nope, q_pe, q_out, scale, message)
+        scale, message = scalar(0.5, "cuda"), F + "scale must be on ql_nope's device cpu, got cuda:0"
+    check_rejected((ql_nope, q_pe, q_out, scale), message)
 
 
 @pytest.mark.parametrize("which", ["ql_nope", "q_pe", "scale"])
-@pytest.mark.parametrize("entry", [pytest.param(call_op, id="op"), pytest.param(call_api, id="api")])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_grad_mode_is_refused(device, which, entry):
     args = dict(zip(("ql_nope", "q_pe", "q_out", "scale"), _valid(device)))
     if which == "scale":
-        args[which] = make_scale(0.5, device).requires_grad_()
+        args[which] = scalar(0.5, device).requires_grad_()
     else:
         args[which] = torch.randn(args[which].shape, dtype=args[which].dtype, device=device, requires_grad=True)
-    check_fp8_rejected(*args.values(), f"concat_mla_q_fp8 is inference-only (no autograd formula): got {which} "
-                       "with requires_grad=True", call=entry)
+    check_rejected(tuple(args.values()), f"concat_mla_q_fp8 is inference-only (no autograd formula): got {which} "
+                   "with requires_grad=True", call=entry)
     with torch.no_grad():
-        check_fp8(*args.values(), call=entry)
+        check_writes_reference(*args.values(), call=entry)
 
 
-def test_schemas():
-    assert str(torch.ops._C.concat_mla_q.default._schema) == (
-        "_C::concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()")
+def test_schema():
     assert str(torch.ops._C.concat_mla_q_fp8.default._schema) == (
         "_C::concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()")
-
-# ------------------------------------------------------------------------------ opcheck
-
-
-def _sample(device, tokens, nope_layout, pe_layout, pe_heads=16, heads=16):
-    return (nope_layout((tokens, heads, 512), torch.bfloat16, device),
-            pe_layout((tokens, pe_heads, 64), torch.bfloat16, device),
-            random_bits((tokens, heads, 576), FP8, device), make_scale(0.0037, device))
-
-
-OPCHECK_SAMPLES = {
-    "contiguous": lambda d: _sample(d, 5, contiguous, contiguous),
-    "decode": lambda d: _sample(d, 5, heads_major, split_of_wider),
-    "rope-1-head": lambda d: _sample(d, 5, contiguous, one_head, pe_heads=1),
-    # Fresh zero-size tensors only: opcheck cannot clone a zero-size view with a storage offset.
-    "0-tokens": lambda d: (random_bits((0, 16, 512), torch.bfloat16, d), random_bits((0, 16, 64), torch.bfloat16, d),
-                           random_bits((0, 16, 576), FP8, d), make_scale(0.0037, d)),
-}
-
-
-@pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES))
-def test_opcheck(device, sample):
-    args = OPCHECK_SAMPLES[sample](device)
-    torch.library.opcheck(op, args, test_utils=("test_autograd_registration", "test_faketensor",
-                                                "test_aot_dispatch_dynamic"))
-
-
-def test_opcheck_autograd_registration_with_grad_inputs(device):
-    """opcheck's autograd registration check only acts when an input requires grad."""
-    ql_nope, q_pe, q_out, scale = OPCHECK_SAMPLES["decode"](device)
-    ql_nope = ql_nope.detach().clone().requires_grad_()
-    torch.library.opcheck(op, (ql_nope, q_pe, q_out, scale), test_utils=("test_autograd_registration",))
 
 
 def test_op_bumps_q_out_version(device):
     """The Autograd kernel records the in-place write to q_out (and only to q_out)."""
-    ql_nope, q_pe, q_out, scale = OPCHECK_SAMPLES["contiguous"](device)
+    ql_nope, q_pe, q_out = engine_inputs("decode", 5, 16, torch.bfloat16, device, out_dtype=FP8)
+    scale = scalar(0.0037, device)
     versions = [t._version for t in (ql_nope, q_pe, q_out, scale)]
-    op(ql_nope, q_pe, q_out, scale)
+    call_op(ql_nope, q_pe, q_out, scale)
     assert [t._version for t in (ql_nope, q_pe, q_out, scale)] == [versions[0], versions[1], versions[2] + 1,
                                                                    versions[3]]
-
-# ------------------------------------------------------------------------------ torch.compile
-
-OP_CALL = re.compile(r"torch\.ops\._C\.concat_mla_q_fp8\.default\((\w+), (\w+), (\w+), (\w+)\)")
-
-
-def _build_fp8(ql_nope, q_pe, scale):
-    q_out = torch.empty(ql_nope.shape[0], ql_nope.shape[1], ql_nope.shape[2] + q_pe.shape[2],
-                        dtype=torch.float8_e4m3fn, device=ql_nope.device)
-    torch.ops._C.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)
-    return q_out
-
-
-def test_compiled_allocating_function(device):
-    """fullgraph + dynamic: one compile for 2..300 tokens and several scale values, eager's bytes,
-    and generated code that hands the buffer it allocates to the op (no copy) and returns it."""
-    torch._dynamo.reset()
-    try:
-        counter = CompileCounterWithBackend("inductor")
-        compiled = torch.compile(_build_fp8, backend=counter, fullgraph=True, dynamic=True)
-        for i, (tokens, value) in enumerate(((2, 0.0037), (3, 1.0), (17, 100.0), (300, 1e-40))):
-            ql_nope = heads_major((tokens, 16, 512), torch.bfloat16, device)
-            q_pe = split_of_wider((tokens, 16, 64), torch.bfloat16, device)
-            scale = make_scale(value, device)
-            if i == 0:
-                q_out, codes = run_and_get_code(compiled, ql_nope, q_pe, scale)
-                body = inductor_call_body(codes)
-                calls = OP_CALL.findall(body)
-                assert len(calls) == 1, body
-                for forbidden in ("clone", "copy_", "aten.copy", "as_strided_scatter"):
-                    assert forbidden not in body, f"{forbidden!r} in generated code:\n{body}"
-                written = calls[0][2]
-                assert re.search(rf"\b{written} = empty_strided", body), body
-                assert re.search(rf"return \({written}, \)", body), body
-            else:
-                q_out = compiled(ql_nope, q_pe, scale)
-            assert q_out.dtype == FP8 and q_out.shape == (tokens, 16, 576)
-            eager = _build_fp8(ql_nope, q_pe, scale)
-            assert torch.equal(q_out.view(torch.uint8), eager.view(torch.uint8)), f"tokens={tokens}: != eager"
-            assert_fp8_equal(q_out, reference_fp8(ql_nope, q_pe, scale), f"tokens={tokens}")
-        assert counter.frame_count == 1
-    finally:
-        torch._dynamo.reset()
 
 # ------------------------------------------------------------------------------ CUDA only
 
@@ -575,16 +387,16 @@ def test_cuda_graph_reads_scale_at_replay(pe_layout):
     tokens, heads, dtype = 64, 16, torch.bfloat16
     ql_nope = heads_major((tokens, heads, 512), dtype, "cuda")
     q_pe = pe_layout((tokens, heads, 64), dtype, "cuda")
-    q_out = fp8_out(inside_bigger, (tokens, heads, 576), "cuda")
-    scale = make_scale(1.0, "cuda")
+    q_out = inside_bigger((tokens, heads, 576), FP8, "cuda")
+    scale = scalar(1.0, "cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture
-        op(ql_nope, q_pe, q_out, scale)
+        call_op(ql_nope, q_pe, q_out, scale)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        op(ql_nope, q_pe, q_out, scale)
+        call_op(ql_nope, q_pe, q_out, scale)
 
     def replay(*_):
         graph.replay()
@@ -596,7 +408,7 @@ def test_cuda_graph_reads_scale_at_replay(pe_layout):
             ql_nope.copy_(random_bits(ql_nope.shape, dtype, "cuda"))
             q_pe.copy_(random_bits(q_pe.shape, dtype, "cuda"))
         poison(q_out)
-        check_fp8(ql_nope, q_pe, q_out, scale, call=replay)
+        check_writes_reference(ql_nope, q_pe, q_out, scale, call=replay)
 
 
 @pytest.mark.cuda
@@ -604,11 +416,9 @@ def test_runs_on_the_current_stream_without_syncing():
     """With the default stream held busy, the op issued on a side stream has run once that stream is
     done (queued there, not on the default stream); it used the scale value written just before it
     on that stream; and issuing both made no synchronizing call (the scale is not read on the host)."""
-    ql_nope = heads_major((300, 16, 512), torch.float16, "cuda")
-    q_pe = split_of_wider((300, 16, 64), torch.float16, "cuda")
-    q_out = random_bits((300, 16, 576), FP8, "cuda")
-    scale = make_scale(1.0, "cuda")
-    expected = reference_fp8(ql_nope, q_pe, make_scale(0.0037, "cuda"))
+    ql_nope, q_pe, q_out = engine_inputs("decode", 300, 16, torch.float16, "cuda", out_dtype=FP8)
+    scale = scalar(1.0, "cuda")
+    expected = reference_fp8(ql_nope, q_pe, scalar(0.0037, "cuda"))
     landed = torch.empty(expected.shape, dtype=torch.uint8, pin_memory=True)
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
@@ -619,7 +429,7 @@ def test_runs_on_the_current_stream_without_syncing():
         try:
             torch.cuda._sleep(1 << 24)  # the side stream is busy too when the scale update is queued
             scale.fill_(0.0037)
-            op(ql_nope, q_pe, q_out, scale)
+            call_op(ql_nope, q_pe, q_out, scale)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         landed.copy_(q_out.view(torch.uint8), non_blocking=True)
@@ -633,11 +443,23 @@ def test_runs_on_the_current_stream_without_syncing():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
-@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS, ids=WIDTH_IDS)
+@pytest.mark.parametrize("tokens, heads", LAUNCH_PATHS)
+@pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
 def test_misaligned_and_odd_widths(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, tokens, heads, dtype):
+    """Every pack width that alignment and widths select, on both launch paths, for both input
+    dtypes (each converts to e4m3 its own way)."""
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
     q_pe = pe_layout((tokens, heads, rope_dim), dtype, "cuda")
     q_out = out_layout((tokens, heads, nope_dim + rope_dim), FP8, "cuda")
-    check_fp8(ql_nope, q_pe, q_out, make_scale(0.0037, "cuda"))
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(0.0037, "cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
+@pytest.mark.parametrize("case", ["decode", "k_side"])
+def test_row_counts_match_reference(case, tokens, heads, dtype):
+    """Both launch paths and the boundary between them, in the engines' layouts."""
+    ql_nope, q_pe, q_out = engine_inputs(case, tokens, heads, dtype, "cuda", out_dtype=FP8)
+    check_writes_reference(ql_nope, q_pe, q_out, scalar(0.0037, "cuda"))

@@ -22,21 +22,23 @@ import torch
 
 import vllm_mla_ops
 from mla_helpers import (
+    ENTRY_POINTS,
     assert_storages,
-    bits,
-    call_api,
-    call_op,
     check_rejected,
     check_writes_reference,
-    contiguous,
     expect_reference,
+    snapshot,
+)
+from vllm_mla_ops.testing import (
+    assert_bitwise_equal,
+    contiguous,
+    engine_inputs,
     heads_major,
     inside_bigger,
     last_dim_stride_2,
     one_head,
     random_bits,
     reference,
-    snapshot,
     split_of_wider,
 )
 
@@ -46,9 +48,7 @@ op = torch.ops._C.concat_mla_q.default
 
 
 def _decode_args(device, dtype=torch.bfloat16, tokens=4, heads=16):
-    """DeepSeek decode layout: ql_nope transposed from the bmm output, q_pe a slice of q."""
-    return (heads_major((tokens, heads, 512), dtype, device), split_of_wider((tokens, heads, 64), dtype, device),
-            random_bits((tokens, heads, 576), dtype, device))
+    return engine_inputs("decode", tokens, heads, dtype, device)
 
 
 # --------------------------------------------------------------------- errors leave a usable process
@@ -92,7 +92,7 @@ def test_process_stays_usable_after_a_rejected_call(device, rejection):
         pytest.skip("mixed devices need CUDA")
     for _ in range(3):
         args, message = REJECTIONS[rejection](device)
-        check_rejected(*args, message)
+        check_rejected(args, message)
         check_writes_reference(*_decode_args(device))
         check_writes_reference(contiguous((3, 2, 8), torch.float16, device), one_head((3, 1, 8), torch.float16, device),
                                inside_bigger((3, 2, 16), torch.float16, device))
@@ -123,11 +123,11 @@ def _with_grad(device, which: str):
 GRAD_ARGS = ["ql_nope", "q_pe", "q_out", "ql_nope-view", "q_out-view"]
 
 
-@pytest.mark.parametrize("call", [pytest.param(call_op, id="op"), pytest.param(call_api, id="api")])
+@pytest.mark.parametrize("call", ENTRY_POINTS)
 @pytest.mark.parametrize("which", GRAD_ARGS)
 def test_grad_mode_rejects_tensors_requiring_grad(device, which, call):
     args = _with_grad(device, which)
-    check_rejected(*args, INFERENCE_ONLY.format(which.removesuffix("-view")), call=call)
+    check_rejected(args, INFERENCE_ONLY.format(which.removesuffix("-view")), call=call)
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
@@ -290,7 +290,7 @@ def test_many_calls_do_not_grow_memory(device, outcome, calls):
     growth = _rss_bytes() - rss
     assert growth <= RSS_GROWTH_LIMIT, f"RSS grew by {growth / 2**20:.1f} MiB over {calls - warmup} calls"
     if outcome == "accepted":
-        assert torch.equal(bits(q_out), reference(ql_nope, q_pe))
+        assert_bitwise_equal(q_out, reference(ql_nope, q_pe))
 
 
 # --------------------------------------------------------------------------------- torch.export
@@ -321,8 +321,8 @@ def test_export_of_a_module_allocating_q_out(device):
     for count in (5, 2, 37):
         ql_nope, q_pe, _ = _decode_args(device, tokens=count)
         result = module(ql_nope, q_pe)
-        assert torch.equal(bits(result), bits(_Allocating()(ql_nope, q_pe))), f"tokens={count}: differs from eager"
-        assert torch.equal(bits(result), reference(ql_nope, q_pe)), f"tokens={count}: differs from torch.cat"
+        assert_bitwise_equal(result, _Allocating()(ql_nope, q_pe), f"tokens={count}: exported vs eager")
+        assert_bitwise_equal(result, reference(ql_nope, q_pe), f"tokens={count}: exported vs torch.cat")
 
 
 def test_export_of_a_module_filling_a_given_q_out(device):
@@ -339,7 +339,7 @@ def test_export_of_a_module_filling_a_given_q_out(device):
         ql_nope, q_pe, _ = _decode_args(device, tokens=count)
         q_out = inside_bigger((count, 16, 576), torch.bfloat16, device)
         returned = check_writes_reference(ql_nope, q_pe, q_out, call=module)
-        assert torch.equal(bits(returned), reference(ql_nope, q_pe)), f"tokens={count}: returned differs"
+        assert_bitwise_equal(returned, reference(ql_nope, q_pe), f"tokens={count}: returned")
 
 
 # --------------------------------------------------------------------------------------- loading

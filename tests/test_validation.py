@@ -12,13 +12,8 @@ import pytest
 import torch
 
 import vllm_mla_ops
-from mla_helpers import (
-    ENTRY_POINTS,
-    HALF_DTYPES,
-    check_rejected,
-    check_writes_reference,
-    random_bits,
-)
+from mla_helpers import ENTRY_POINTS, HALF_DTYPES, check_rejected, check_writes_reference
+from vllm_mla_ops.testing import random_bits
 
 T, H, N, R = 6, 4, 12, 4
 W = N + R
@@ -212,7 +207,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_raises_before_writing(device, dtype, case, call):
     ql_nope, q_pe, q_out, message = case(device, dtype)
-    check_rejected(ql_nope, q_pe, q_out, message, call=call)
+    check_rejected((ql_nope, q_pe, q_out), message, call=call)
 
 
 API_CASES = ["nope-float32", "nope-int16", "pe-other-half-dtype", "nope-2d", "nope-4d", "pe-2d", "pe-4d",
@@ -223,7 +218,7 @@ API_CASES = ["nope-float32", "nope-int16", "pe-other-half-dtype", "nope-2d", "no
 def test_api_without_output_raises(device, case):
     """vllm_mla_ops.concat_mla_q with no q_out still raises the op's dtype and rank errors."""
     ql_nope, q_pe, _, message = case(device, torch.float16)
-    check_rejected(ql_nope, q_pe, None, message, call=lambda a, b, _: vllm_mla_ops.concat_mla_q(a, b))
+    check_rejected((ql_nope, q_pe), message, call=vllm_mla_ops.concat_mla_q)
 
 
 @pytest.mark.cuda
@@ -243,7 +238,7 @@ def test_mixed_devices_raise_before_writing(nope_dev, pe_dev, out_dev, message, 
     q_pe = random_bits((T, H, R), torch.bfloat16, pe_dev)
     q_out = random_bits((T, H, W), torch.bfloat16, out_dev)
     with torch.cuda.device(0):
-        check_rejected(ql_nope, q_pe, q_out, message, call=call)
+        check_rejected((ql_nope, q_pe, q_out), message, call=call)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -354,7 +349,7 @@ def test_overlap_decisions_are_exact(device, scale):
             if message is None:
                 check_writes_reference(ql_nope, q_pe, q_out)
             else:
-                check_rejected(ql_nope, q_pe, q_out, message)
+                check_rejected((ql_nope, q_pe, q_out), message)
         except BaseException as error:
             raise AssertionError(f"{what}: expected {message or 'success'}") from error
 
@@ -385,4 +380,4 @@ def test_overlap_detected_across_storages_of_one_memory(which):
         args = (other[: T * H * N].view(T, H, N), random_bits((T, H, R), torch.float16), q_out)
     else:
         args = (random_bits((T, H, N), torch.float16), other[: T * H * R].view(T, H, R), q_out)
-    check_rejected(*args, WITH_NOPE if which == "ql_nope" else WITH_PE)
+    check_rejected(args, WITH_NOPE if which == "ql_nope" else WITH_PE)
