@@ -70,9 +70,8 @@ def case(dtype: str, layout: str, heads: int, tokens: int, device: torch.device,
         inputs.clear()  # the contenders hold them while the case runs; nothing after
 
     def setup() -> list[h.Contender]:
-        ql_nope, q_pe, _ = engine_inputs(layout, tokens, heads, DTYPES[dtype], device)
+        ql_nope, q_pe, q_out = engine_inputs(layout, tokens, heads, DTYPES[dtype], device, out_dtype=FP8)
         inputs[:] = [ql_nope, q_pe]
-        q_out = torch.empty(tokens, heads, ql_nope.shape[2] + q_pe.shape[2], dtype=FP8, device=device)
         scale = torch.tensor([SCALE], dtype=torch.float32, device=device)
         ours = lambda: torch.ops._C.concat_mla_q_fp8(ql_nope, q_pe, q_out, scale)  # noqa: E731
         expected = lambda: reference_fp8(ql_nope, q_pe, scale)  # noqa: E731
