@@ -241,7 +241,12 @@ def run(cases: list[Case], s: Settings) -> list[Result]:
             timed.append((c, note or ""))
         if case.before_timing:
             case.before_timing()
+        start = _cpu_seconds()
         samples = (_time_cuda if cuda else _time_cpu)([c for c, _ in timed], s)
+        others = None if cuda else _others_cores(start)
+        if others is not None and others >= 0.2 and timed:  # see _other_work: a row that may be noise
+            c, note = timed[0]
+            timed[0] = (c, (note + "; " if note else "") + f"other processes used {others:.1f} cores")
         for c, note in timed:
             rounds = samples[c.name]
             med, lo, hi = summarize([t for r in rounds for t in r], cuda)
@@ -294,17 +299,22 @@ def _idle_cores(seconds: float = 0.5) -> float | None:
     """Cores that other processes left idle over the next ``seconds``."""
     start = _cpu_seconds()
     time.sleep(seconds)
+    others = _others_cores(start)
+    return None if others is None else os.cpu_count() - others
+
+
+def _others_cores(start: tuple[float, float, float] | None) -> float | None:
+    """Cores that other processes used on average since ``start``."""
     end = _cpu_seconds()
-    if start is None or end is None:
+    if start is None or end is None or end[0] <= start[0]:
         return None
-    return os.cpu_count() - ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+    return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
 
 
 def _other_work(start: tuple[float, float, float] | None) -> str:
-    end = _cpu_seconds()
-    if start is None or end is None or end[0] <= start[0]:
+    others = _others_cores(start)
+    if others is None:
         return ""
-    others = ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
     if others < 0.2:
         return f"; other processes used {others:.1f} cores meanwhile"
     return f"; other processes used {others:.1f} cores meanwhile: expect noise"
