@@ -64,14 +64,31 @@ std::string list(const Ints& values) {
   return text + "]";
 }
 
-void check_rank3(const char* op, const Tensor& t, const char* name, const char* dims) {
-  MLA_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D ", dims, ", got ", t.dim(), "-D with shape ",
-            list(t.sizes()));
+// What the checks read of a tensor, fetched once: each accessor of the stable ABI is a call into
+// torch, and the validator runs on every op call.
+struct Meta {
+  const Tensor& t;
+  const char* name;
+  torch::headeronly::IntHeaderOnlyArrayRef sizes, strides;
+  ScalarType dtype;
+  torch::stable::Device device;
+  explicit Meta(const Tensor& tensor, const char* arg)
+      : t(tensor), name(arg), sizes(t.sizes()), strides(t.strides()), dtype(t.scalar_type()), device(t.device()) {}
+  int64_t numel() const {
+    int64_t n = 1;
+    for (size_t d = 0; d < sizes.size(); ++d) n *= sizes[d];
+    return n;
+  }
+};
+
+void check_rank3(const char* op, const Meta& m, const char* dims) {
+  MLA_CHECK(m.sizes.size() == 3, op, ": ", m.name, " must be 3-D ", dims, ", got ", m.sizes.size(), "-D with shape ",
+            list(m.sizes));
 }
 
-void check_device(const char* op, const Tensor& t, const char* name, const Tensor& ql_nope) {
-  MLA_CHECK(t.device() == ql_nope.device(), op, ": ", name, " must be on ql_nope's device ",
-            device_name(ql_nope.device()), ", got ", device_name(t.device()));
+void check_device(const char* op, const Meta& m, const Meta& ql_nope) {
+  MLA_CHECK(m.device == ql_nope.device, op, ": ", m.name, " must be on ql_nope's device ",
+            device_name(ql_nope.device), ", got ", device_name(m.device));
 }
 
 int64_t storage_bytes(const Tensor& t) {
@@ -83,97 +100,100 @@ int64_t storage_bytes(const Tensor& t) {
 // The view as the overlap search takes it, once it is known to lie inside its storage.
 // A view addresses elements [storage_offset, storage_offset + sum (size - 1) * stride] of its
 // storage; computed in 128 bits, since sizes and strides of size-1 or stride-0 dims may be huge.
-vllm_mla_ops::View checked_view(const char* op, const Tensor& t, const char* name) {
-  __int128 last = t.storage_offset();
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) > 1) last += static_cast<__int128>(t.size(d) - 1) * t.stride(d);
+vllm_mla_ops::View checked_view(const char* op, const Meta& m) {
+  const int64_t offset = m.t.storage_offset();
+  __int128 last = offset;
+  vllm_mla_ops::View view{0, static_cast<int64_t>(m.t.element_size()), 0, {}, {}};
+  for (size_t d = 0; d < m.sizes.size(); ++d) {
+    if (m.sizes[d] <= 1) continue;
+    last += static_cast<__int128>(m.sizes[d] - 1) * m.strides[d];
+    view.sizes[view.dims] = m.sizes[d];
+    view.strides[view.dims++] = m.strides[d];
   }
-  const auto item = static_cast<int64_t>(t.element_size());
-  const __int128 needed = (last + 1) * item;
-  const int64_t available = storage_bytes(t);
-  MLA_CHECK(needed <= available, op, ": ", name, " addresses bytes past the end of its storage (shape ",
-            list(t.sizes()), ", strides ", list(t.strides()), ", storage offset ", t.storage_offset(),
-            ": needs ", needed > INT64_MAX ? std::string("over 2^63") : std::to_string(static_cast<int64_t>(needed)),
-            " bytes, the storage holds ", available,
-            "); was the storage resized after the view was made?");
-  vllm_mla_ops::View view{reinterpret_cast<intptr_t>(t.const_data_ptr()), item, {}, {}};
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    view.sizes.push_back(t.size(d));
-    view.strides.push_back(t.stride(d));
-  }
+  const __int128 needed = (last + 1) * view.item_bytes;
+  const int64_t available = storage_bytes(m.t);
+  MLA_CHECK(needed <= available, op, ": ", m.name, " addresses bytes past the end of its storage (shape ",
+            list(m.sizes), ", strides ", list(m.strides), ", storage offset ", offset, ": needs ",
+            needed > INT64_MAX ? std::string("over 2^63") : std::to_string(static_cast<int64_t>(needed)),
+            " bytes, the storage holds ", available, "); was the storage resized after the view was made?");
+  view.address = reinterpret_cast<intptr_t>(m.t.const_data_ptr());
   return view;
 }
 
-void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Tensor& input, const char* name) {
+void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Meta& out_meta, const Meta& input) {
   if (input.numel() == 0) return;
-  switch (vllm_mla_ops::overlap(out, checked_view(op, input, name))) {
+  switch (vllm_mla_ops::overlap(out, checked_view(op, input))) {
     case vllm_mla_ops::Overlap::kNo:
       return;
     case vllm_mla_ops::Overlap::kYes:
-      fail(op, ": q_out must not overlap ", name, " in memory, got views that share bytes");
+      fail(op, ": q_out must not overlap ", input.name, " in memory, got views that share bytes");
     case vllm_mla_ops::Overlap::kUndecided:
-      fail(op, ": could not decide within the search bound whether q_out and ", name,
-           " share bytes (q_out strides ", list(out.strides), ", ", name, " strides ", list(input.strides()),
-           "); pass a contiguous ", name, " (", name, ".contiguous()) or a contiguous q_out");
+      fail(op, ": could not decide within the search bound whether q_out and ", input.name,
+           " share bytes (q_out strides ", list(out_meta.strides), ", ", input.name, " strides ",
+           list(input.strides), "); pass a contiguous ", input.name, " (", input.name,
+           ".contiguous()) or a contiguous q_out");
   }
 }
 
 }  // namespace
 
-void check_concat_mla_q_args(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
-                             const std::optional<Tensor>& scale) {
-  const char* op = scale ? "concat_mla_q_fp8" : "concat_mla_q";
+void check_concat_mla_q_args(const Tensor& ql_nope_t, const Tensor& q_pe_t, const Tensor& q_out_t,
+                             const std::optional<Tensor>& scale_t) {
+  const char* op = scale_t ? "concat_mla_q_fp8" : "concat_mla_q";
+  const Meta ql_nope(ql_nope_t, "ql_nope"), q_pe(q_pe_t, "q_pe"), q_out(q_out_t, "q_out");
   // Kernels read 2-byte elements; any other width would be copied wrongly, so it never gets in.
-  const ScalarType dtype = ql_nope.scalar_type();
+  const ScalarType dtype = ql_nope.dtype;
   MLA_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, op,
             ": ql_nope must be float16 or bfloat16 dtype, got ", dtype_name(dtype));
-  check_rank3(op, ql_nope, "ql_nope", "[tokens, heads, nope_dim]");
-  check_rank3(op, q_pe, "q_pe", "[tokens, heads or 1, rope_dim]");
-  check_rank3(op, q_out, "q_out", "[tokens, heads, nope_dim + rope_dim]");
-  MLA_CHECK(q_pe.scalar_type() == dtype, op, ": q_pe must have ql_nope's dtype ", dtype_name(dtype), ", got ",
-            dtype_name(q_pe.scalar_type()));
-  if (scale) {
-    MLA_CHECK(q_out.scalar_type() == ScalarType::Float8_e4m3fn, op, ": q_out must be torch.float8_e4m3fn, got ",
-              dtype_name(q_out.scalar_type()));
+  check_rank3(op, ql_nope, "[tokens, heads, nope_dim]");
+  check_rank3(op, q_pe, "[tokens, heads or 1, rope_dim]");
+  check_rank3(op, q_out, "[tokens, heads, nope_dim + rope_dim]");
+  MLA_CHECK(q_pe.dtype == dtype, op, ": q_pe must have ql_nope's dtype ", dtype_name(dtype), ", got ",
+            dtype_name(q_pe.dtype));
+  if (scale_t) {
+    MLA_CHECK(q_out.dtype == ScalarType::Float8_e4m3fn, op, ": q_out must be torch.float8_e4m3fn, got ",
+              dtype_name(q_out.dtype));
   } else {
-    MLA_CHECK(q_out.scalar_type() == dtype, op, ": q_out must have ql_nope's dtype ", dtype_name(dtype),
-              ", got ", dtype_name(q_out.scalar_type()));
+    MLA_CHECK(q_out.dtype == dtype, op, ": q_out must have ql_nope's dtype ", dtype_name(dtype), ", got ",
+              dtype_name(q_out.dtype));
   }
-  check_device(op, q_pe, "q_pe", ql_nope);
-  check_device(op, q_out, "q_out", ql_nope);
+  check_device(op, q_pe, ql_nope);
+  check_device(op, q_out, ql_nope);
 
-  const int64_t tokens = ql_nope.size(0), heads = ql_nope.size(1);
-  const int64_t nope_dim = ql_nope.size(2), rope_dim = q_pe.size(2);
-  MLA_CHECK(q_pe.size(0) == tokens && (q_pe.size(1) == heads || q_pe.size(1) == 1), op,
+  const int64_t tokens = ql_nope.sizes[0], heads = ql_nope.sizes[1];
+  const int64_t nope_dim = ql_nope.sizes[2], rope_dim = q_pe.sizes[2];
+  MLA_CHECK(q_pe.sizes[0] == tokens && (q_pe.sizes[1] == heads || q_pe.sizes[1] == 1), op,
             ": q_pe must be [tokens, heads or 1, rope_dim] with tokens=", tokens, " and heads=", heads,
-            " from ql_nope, got shape ", list(q_pe.sizes()));
+            " from ql_nope, got shape ", list(q_pe.sizes));
   int64_t width = 0;
-  MLA_CHECK(!__builtin_add_overflow(nope_dim, rope_dim, &width), op, ": nope_dim + rope_dim = ", nope_dim,
-            " + ", rope_dim, " overflows int64");
-  MLA_CHECK(q_out.size(0) == tokens && q_out.size(1) == heads && q_out.size(2) == width, op,
+  MLA_CHECK(!__builtin_add_overflow(nope_dim, rope_dim, &width), op, ": nope_dim + rope_dim = ", nope_dim, " + ",
+            rope_dim, " overflows int64");
+  MLA_CHECK(q_out.sizes[0] == tokens && q_out.sizes[1] == heads && q_out.sizes[2] == width, op,
             ": q_out must be [tokens, heads, nope_dim + rope_dim] = [", tokens, ", ", heads, ", ", width,
-            "], got shape ", list(q_out.sizes()));
-  if (scale) {
-    MLA_CHECK(scale->scalar_type() == ScalarType::Float, op, ": scale must be a torch.float32 tensor, got ",
-              dtype_name(scale->scalar_type()));
+            "], got shape ", list(q_out.sizes));
+  std::optional<Meta> scale;
+  if (scale_t) {
+    scale.emplace(*scale_t, "scale");
+    MLA_CHECK(scale->dtype == ScalarType::Float, op, ": scale must be a torch.float32 tensor, got ",
+              dtype_name(scale->dtype));
     MLA_CHECK(scale->numel() == 1, op, ": scale must have one element (a per-tensor scale), got shape ",
-              list(scale->sizes()));
-    check_device(op, *scale, "scale", ql_nope);
+              list(scale->sizes));
+    check_device(op, *scale, ql_nope);
   }
 
   if (q_out.numel() == 0) return;  // nothing is written, so nothing can collide
-  const vllm_mla_ops::View out = checked_view(op, q_out, "q_out");
+  const vllm_mla_ops::View out = checked_view(op, q_out);
   switch (vllm_mla_ops::internal_overlap(out)) {
     case vllm_mla_ops::Overlap::kNo:
       break;
     case vllm_mla_ops::Overlap::kYes:
-      fail(op, ": q_out must not overlap itself, got shape ", list(q_out.sizes()), " with strides ",
-           list(q_out.strides()), ", which address one element from two indices");
+      fail(op, ": q_out must not overlap itself, got shape ", list(q_out.sizes), " with strides ",
+           list(q_out.strides), ", which address one element from two indices");
     case vllm_mla_ops::Overlap::kUndecided:
-      fail(op, ": could not decide within the search bound whether q_out (shape ", list(q_out.sizes()),
-           ", strides ", list(q_out.strides()), ") addresses an element twice; pass a contiguous q_out");
+      fail(op, ": could not decide within the search bound whether q_out (shape ", list(q_out.sizes),
+           ", strides ", list(q_out.strides), ") addresses an element twice; pass a contiguous q_out");
   }
-  check_no_overlap(op, out, ql_nope, "ql_nope");
-  check_no_overlap(op, out, q_pe, "q_pe");
-  if (scale) check_no_overlap(op, out, *scale, "scale");
+  check_no_overlap(op, out, q_out, ql_nope);
+  check_no_overlap(op, out, q_out, q_pe);
+  if (scale) check_no_overlap(op, out, q_out, *scale);
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <numeric>
 #include <utility>
+#include <vector>
 
 namespace vllm_mla_ops {
 namespace {
@@ -84,9 +85,7 @@ class BoundedSum {
 // The (stride, size) pairs of the dims that vary, by increasing stride.
 std::vector<std::pair<int64_t, int64_t>> varying_dims(const View& v) {
   std::vector<std::pair<int64_t, int64_t>> dims;
-  for (size_t d = 0; d < v.sizes.size(); ++d) {
-    if (v.sizes[d] > 1) dims.push_back({v.strides[d], v.sizes[d]});
-  }
+  for (int d = 0; d < v.dims; ++d) dims.push_back({v.strides[d], v.sizes[d]});
   std::sort(dims.begin(), dims.end());
   return dims;
 }
@@ -115,8 +114,7 @@ bool is_dense(const View& v) {
 // [first byte, one past the last byte] that the view addresses.
 std::pair<int64_t, int64_t> byte_span(const View& v) {
   int64_t begin = v.address, end = v.address + v.item_bytes;
-  for (size_t d = 0; d < v.sizes.size(); ++d) {
-    if (v.sizes[d] <= 1) continue;
+  for (int d = 0; d < v.dims; ++d) {
     const int64_t extent = (v.sizes[d] - 1) * v.strides[d] * v.item_bytes;
     (extent < 0 ? begin : end) += extent;
   }
@@ -163,9 +161,7 @@ Overlap overlap(const View& a, const View& b) {
   // a byte iff off_a(i) - off_b(j) lies in (b.address - a.address - size_a, ... + size_b).
   std::vector<Term> terms;
   for (const auto& [v, sign] : {std::pair{&a, int64_t{1}}, std::pair{&b, int64_t{-1}}}) {
-    for (size_t d = 0; d < v->sizes.size(); ++d) {
-      if (v->sizes[d] > 1) terms.push_back({sign * v->strides[d] * v->item_bytes, 0, v->sizes[d] - 1});
-    }
+    for (int d = 0; d < v->dims; ++d) terms.push_back({sign * v->strides[d] * v->item_bytes, 0, v->sizes[d] - 1});
   }
   const int64_t base = b.address - a.address;
   int64_t steps = 0;

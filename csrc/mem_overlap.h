@@ -6,18 +6,20 @@
 // gives up after kMaxSteps steps instead of running for minutes on adversarial strides.
 #pragma once
 
+#include <array>
 #include <cstdint>
-#include <vector>
 
 namespace vllm_mla_ops {
 
 // A non-empty strided view: the address of its first element, its element size in bytes, and the
-// sizes and strides (in elements) of its dims. Callers have checked that the view lies inside its
+// sizes and strides (in elements) of its dims of more than one element (the others address nothing
+// new; the ops' tensors have at most three). Callers have checked that the view lies inside its
 // storage, so every byte offset below fits in int64.
 struct View {
   int64_t address;
   int64_t item_bytes;
-  std::vector<int64_t> sizes, strides;
+  int dims;
+  std::array<int64_t, 3> sizes, strides;
 };
 
 enum class Overlap { kNo, kYes, kUndecided };
