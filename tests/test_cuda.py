@@ -163,16 +163,25 @@ def test_inputs_on_another_gpu():
 
 @needs_2_gpus
 def test_cuda_graph_on_another_gpu():
+    """A graph captured on a cuda:1 stream from tensors on cuda:1, while cuda:0 is the current device
+    outside the capture: each replay writes the reference into q_out and nothing else, the current
+    device stays cuda:0, nothing is allocated on cuda:0.
+
+    The capture stream is given explicitly: torch.cuda.graph's default capture stream is created
+    once per process, on the device of the process's first capture, which is cuda:0 when other
+    graph tests ran first; capturing cuda:1 work on it records an empty graph."""
     torch.cuda.set_device(0)
     args = _on_gpu_1(torch.bfloat16)
     with torch.cuda.device(1):
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(device=1)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             torch.ops._C.concat_mla_q(*args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        capture = torch.cuda.Stream(device=1)
+        assert capture.device == torch.device("cuda:1")
+        with torch.cuda.graph(graph, stream=capture):
             torch.ops._C.concat_mla_q(*args)
     for t in args:
         t.copy_(random_bits(t.shape, t.dtype, "cuda:1"))
