@@ -195,7 +195,7 @@ def flat_copy_ceilings(n_read: int, n_write: int, device: torch.device,
     if triton is None or device.type != "cuda":
         return []
     assert max(n_read, n_write) < 2**31, "32-bit offsets"
-    src = torch.zeros(n_read, dtype=src_dtype, device=device)
+    src = torch.randint(-100, 100, (n_read,), device=device).to(src_dtype)  # never time zeros
     dst = torch.empty(n_write, dtype=dst_dtype, device=device)
     n = max(n_read, n_write)
 
@@ -209,7 +209,7 @@ def bitwise_not_ceiling(numel: int, device: torch.device) -> list[Contender]:
     """torch.bitwise_not over int16 buffers of ``numel`` elements: reads and writes 2 * numel bytes."""
     if device.type != "cuda":
         return []
-    src = torch.zeros(numel, dtype=torch.int16, device=device)
+    src = torch.randint(-32768, 32768, (numel,), dtype=torch.int16, device=device)
     dst = torch.empty_like(src)
     return [Contender("bitwise_not", lambda: torch.bitwise_not(src, out=dst), CEILING)]
 

@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# What one call of the GPU machine runs (it has torch, nvcc, cmake, ninja and no network), in order:
-# build; the whole test suite; the global loads/stores in the SASS; compute-sanitizer (memcheck,
-# racecheck, initcheck) over the CUDA contract tests and a sample of hypothesis-drawn CUDA inputs;
-# the bf16 benchmark, then the fp8 one. pytest.log, benchmark.log and the benchmarks' CSV, JSON and
-# PNG files go to $OUT (the device tool brings back at most 8 files).
+# Build, test and benchmark on a machine with NVIDIA GPUs (torch, nvcc, cmake and ninja installed;
+# no network needed), in one command:
 #   OUT=/tmp/out bash tools/gpu_session.sh [pytest args...]
-# BENCH_ARGS: extra arguments of the bf16 benchmark; FP8_BENCH_ARGS: of the fp8 one. STEPS picks
-# the steps after the build (default "tests sanitizers bench bench_fp8"), to split a session over
-# calls of the 10-minute limit; SANITIZERS the compute-sanitizer tools (default "memcheck racecheck
-# initcheck"), each over every selected test (no -x: a failed test does not hide the rest).
+# STEPS picks the steps after the build (default "tests memcheck sass bench"); SANITIZERS the
+# compute-sanitizer tools of the memcheck step (default memcheck), run over the CUDA tests.
+# pytest.log, sanitizer.log, the benchmark tables (*.md) and bench.tar.gz (every CSV, JSON and
+# PNG) go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -19,48 +16,54 @@ status=0
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 
 step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
 
 step "build"
 if ! python3 -m pip install --no-build-isolation --no-deps -e . >/tmp/build.log 2>&1; then
   tail -40 /tmp/build.log
   exit 1
 fi
-grep -E "building target" /tmp/build.log
+python3 -c 'import vllm_mla_ops as m; print(m.__version__, m.build_info())'
 
-steps=" ${STEPS:-tests sanitizers bench bench_fp8} "
+steps=" ${STEPS:-tests memcheck sass bench} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 
 if want tests; then
-step "tests"
-python3 -m pytest -q -rs "$@" 2>&1 | tee "$out/pytest.log" | tail -12
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-step "SASS: global loads/stores of the concat kernels"
-cuobjdump -sass vllm_mla_ops/_C*.so | grep -oE "(LDG|STG)\.E[.A-Z0-9_]*" | sort | uniq -c
+  step "tests"
+  python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/pytest.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-if want sanitizers; then
-for tool in ${SANITIZERS:-memcheck racecheck initcheck}; do
-  step "compute-sanitizer $tool (CUDA contract tests, fp8 tests, hypothesis sample)"
-  HYPOTHESIS_PROFILE=ci compute-sanitizer --tool "$tool" --error-exitcode 3 \
-    python3 -m pytest -q -rfs -k cuda tests/test_concat_mla_q.py tests/test_fp8.py tests/test_properties.py \
-    >/tmp/sanitizer.log 2>&1
-  echo "$tool exit code $?"
-  grep -E "^(FAILED|SKIPPED)|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" /tmp/sanitizer.log | tail -12
-done
+if want memcheck; then
+  for tool in ${SANITIZERS:-memcheck}; do
+    step "compute-sanitizer $tool over the CUDA tests"
+    compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -rfs -p no:cacheprovider -k cuda \
+      tests/test_concat_mla_q.py tests/test_fp8.py tests/test_cuda.py tests/test_properties.py tests/test_hostile.py \
+      >"$out/sanitizer_$tool.log" 2>&1
+    echo "$tool exit code $?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$out/sanitizer_$tool.log" | tail -5
+  done
+fi
+
+if want sass; then
+  step "SASS: global loads/stores of the CUDA kernels"
+  cuobjdump -sass vllm_mla_ops/_C_cuda.so | grep -oE "(LDG|STG)\.E[.A-Z0-9_]*" | sort | uniq -c
 fi
 
 if want bench; then
-step "benchmark: concat_mla_q"
-python3 tools/benchmark.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/benchmark.log" | tail -45
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
-if want bench_fp8; then
-step "benchmark: concat_mla_q_fp8"
-python3 tools/benchmark.py --fp8 --out "$out" ${FP8_BENCH_ARGS:-} 2>&1 | tee -a "$out/benchmark.log" | tail -45
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  bench=/tmp/bench
+  run_bench() {  # name, command...
+    local name=$1; shift
+    step "benchmark: $name"
+    timeout 560 "$@" --out "$bench/$name" 2>&1 | tail -60
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    cat "$bench/$name"/*.md > "$out/$name.md" 2>/dev/null
+  }
+  run_bench bf16 python3 benchmarks/bench_concat_mla_q.py --layout decode,contiguous
+  run_bench kside python3 benchmarks/bench_concat_mla_q.py --layout k_side
+  run_bench bmm python3 benchmarks/bench_concat_mla_q.py --layout decode --heads 128 --bmm
+  run_bench fp8 python3 benchmarks/bench_concat_mla_q_fp8.py --layout decode --heads 128
+  tar -czf "$out/bench.tar.gz" -C "$bench" .
 fi
 exit $status
