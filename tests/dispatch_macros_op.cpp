@@ -3,6 +3,7 @@
 // so a case that maps a dtype to the wrong type, or a missing or extra case, shows up by name. Built
 // on the stable ABI only, as the package is.
 #include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <string>
@@ -13,25 +14,36 @@ namespace {
 
 using torch::headeronly::ScalarType;
 
+// The probe tensor's dtype, read as torch's own dtype code (the values of ScalarType), so that
+// every dtype reaches the macros, also those the stable ABI's argument conversion does not carry.
+ScalarType dtype_of(const torch::stable::Tensor& probe) {
+  int32_t code = 0;
+  STD_TORCH_CHECK(aoti_torch_get_dtype(probe.get(), &code) == AOTI_TORCH_SUCCESS, "no dtype");
+  return static_cast<ScalarType>(code);
+}
+
 template <typename scalar_t>
 std::string reached() {
   return torch::headeronly::toString(torch::headeronly::CppTypeToScalarType<scalar_t>::value);
 }
 
-std::string floating_types(ScalarType dtype) {
+std::string floating_types(torch::stable::Tensor probe) {
+  const ScalarType dtype = dtype_of(probe);
   std::string name;
   VLLM_DISPATCH_FLOATING_TYPES(dtype, "vllm_dispatch_floating", [&] { name = reached<scalar_t>(); });
   return name;
 }
 
-std::string half_types(ScalarType dtype) {
+std::string half_types(torch::stable::Tensor probe) {
+  const ScalarType dtype = dtype_of(probe);
   std::string name;
   VLLM_DISPATCH_HALF_TYPES(dtype, "vllm_dispatch_half", [&] { name = reached<scalar_t>(); });
   return name;
 }
 
 // The _CASE_ forms compose with other cases inside one THO_DISPATCH_SWITCH.
-std::string case_floating_types_and_double(ScalarType dtype) {
+std::string case_floating_types_and_double(torch::stable::Tensor probe) {
+  const ScalarType dtype = dtype_of(probe);
   std::string name;
   THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_floating",
                       VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
@@ -39,7 +51,8 @@ std::string case_floating_types_and_double(ScalarType dtype) {
   return name;
 }
 
-std::string case_half_types_and_int(ScalarType dtype) {
+std::string case_half_types_and_int(torch::stable::Tensor probe) {
+  const ScalarType dtype = dtype_of(probe);
   std::string name;
   THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_half",
                       VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
@@ -50,10 +63,10 @@ std::string case_half_types_and_int(ScalarType dtype) {
 }  // namespace
 
 STABLE_TORCH_LIBRARY(vllm_mla_ops_dispatch_test, m) {
-  m.def("floating_types(ScalarType dtype) -> str");
-  m.def("half_types(ScalarType dtype) -> str");
-  m.def("case_floating_types_and_double(ScalarType dtype) -> str");
-  m.def("case_half_types_and_int(ScalarType dtype) -> str");
+  m.def("floating_types(Tensor probe) -> str");
+  m.def("half_types(Tensor probe) -> str");
+  m.def("case_floating_types_and_double(Tensor probe) -> str");
+  m.def("case_half_types_and_int(Tensor probe) -> str");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vllm_mla_ops_dispatch_test, CompositeExplicitAutograd, m) {
