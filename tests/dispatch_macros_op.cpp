@@ -1,11 +1,14 @@
 // Test-only ops (not part of the package) that run the dispatch macros of csrc/dispatch_utils.h and
 // report which C++ type each dtype reached: each returns the name of scalar_t's dtype ("Half", ...),
-// so a case that maps a dtype to the wrong type, or a missing or extra case, shows up by name. Built
-// on the stable ABI only, as the package is.
+// so a case that maps a dtype to the wrong type, or a missing or extra case, shows up by name; a
+// dtype outside the macro's list returns "error: " and the macro's message. (The message is
+// returned, not thrown: torch 2.11 crashes when a stable kernel with a str result throws.) Built on
+// the stable ABI only, as the package is.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <exception>
 #include <string>
 
 #include "dispatch_utils.h"
@@ -22,6 +25,15 @@ ScalarType dtype_of(const torch::stable::Tensor& probe) {
   return static_cast<ScalarType>(code);
 }
 
+template <typename F>
+std::string reached_or_error(F&& dispatch) {
+  try {
+    return dispatch();
+  } catch (const std::exception& error) {
+    return std::string("error: ") + error.what();
+  }
+}
+
 template <typename scalar_t>
 std::string reached() {
   return torch::headeronly::toString(torch::headeronly::CppTypeToScalarType<scalar_t>::value);
@@ -29,35 +41,43 @@ std::string reached() {
 
 std::string floating_types(torch::stable::Tensor probe) {
   const ScalarType dtype = dtype_of(probe);
-  std::string name;
-  VLLM_DISPATCH_FLOATING_TYPES(dtype, "vllm_dispatch_floating", [&] { name = reached<scalar_t>(); });
-  return name;
+  return reached_or_error([&] {
+    std::string name;
+    VLLM_DISPATCH_FLOATING_TYPES(dtype, "vllm_dispatch_floating", [&] { name = reached<scalar_t>(); });
+    return name;
+  });
 }
 
 std::string half_types(torch::stable::Tensor probe) {
   const ScalarType dtype = dtype_of(probe);
-  std::string name;
-  VLLM_DISPATCH_HALF_TYPES(dtype, "vllm_dispatch_half", [&] { name = reached<scalar_t>(); });
-  return name;
+  return reached_or_error([&] {
+    std::string name;
+    VLLM_DISPATCH_HALF_TYPES(dtype, "vllm_dispatch_half", [&] { name = reached<scalar_t>(); });
+    return name;
+  });
 }
 
 // The _CASE_ forms compose with other cases inside one THO_DISPATCH_SWITCH.
 std::string case_floating_types_and_double(torch::stable::Tensor probe) {
   const ScalarType dtype = dtype_of(probe);
-  std::string name;
-  THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_floating",
-                      VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
-                          THO_DISPATCH_CASE(ScalarType::Double, [&] { name = reached<scalar_t>(); }));
-  return name;
+  return reached_or_error([&] {
+    std::string name;
+    THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_floating",
+                        VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
+                            THO_DISPATCH_CASE(ScalarType::Double, [&] { name = reached<scalar_t>(); }));
+    return name;
+  });
 }
 
 std::string case_half_types_and_int(torch::stable::Tensor probe) {
   const ScalarType dtype = dtype_of(probe);
-  std::string name;
-  THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_half",
-                      VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
-                          THO_DISPATCH_CASE(ScalarType::Int, [&] { name = reached<scalar_t>(); }));
-  return name;
+  return reached_or_error([&] {
+    std::string name;
+    THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_half",
+                        VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
+                            THO_DISPATCH_CASE(ScalarType::Int, [&] { name = reached<scalar_t>(); }));
+    return name;
+  });
 }
 
 }  // namespace
