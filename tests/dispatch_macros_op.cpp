@@ -1,14 +1,13 @@
-// Test-only ops (not part of the package) that run the dispatch macros of csrc/dispatch_utils.h and
-// report which C++ type each dtype reached: each returns the name of scalar_t's dtype ("Half", ...),
-// so a case that maps a dtype to the wrong type, or a missing or extra case, shows up by name; a
-// dtype outside the macro's list returns "error: " and the macro's message. (The message is
-// returned, not thrown: torch 2.11 crashes when a stable kernel with a str result throws.) Built on
-// the stable ABI only, as the package is.
+// Test-only ops (not part of the package) that run the dispatch macros of csrc/dispatch_utils.h.
+// `<macro>(Tensor probe) -> str` returns the name of the scalar_t the probe's dtype reached
+// ("Half", ...), so a case that maps a dtype to the wrong type shows up by name; `<macro>_check`
+// runs the same dispatch and returns nothing, so a dtype outside the macro's list raises the
+// macro's own error. (Two ops because torch 2.11 crashes when a stable kernel with a str result
+// throws.) Built on the stable ABI only, as the package is.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
-#include <exception>
 #include <string>
 
 #include "dispatch_utils.h"
@@ -16,22 +15,14 @@
 namespace {
 
 using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
 
 // The probe tensor's dtype, read as torch's own dtype code (the values of ScalarType), so that
 // every dtype reaches the macros, also those the stable ABI's argument conversion does not carry.
-ScalarType dtype_of(const torch::stable::Tensor& probe) {
+ScalarType dtype_of(const Tensor& probe) {
   int32_t code = 0;
   STD_TORCH_CHECK(aoti_torch_get_dtype(probe.get(), &code) == AOTI_TORCH_SUCCESS, "no dtype");
   return static_cast<ScalarType>(code);
-}
-
-template <typename F>
-std::string reached_or_error(F&& dispatch) {
-  try {
-    return dispatch();
-  } catch (const std::exception& error) {
-    return std::string("error: ") + error.what();
-  }
 }
 
 template <typename scalar_t>
@@ -39,54 +30,47 @@ std::string reached() {
   return torch::headeronly::toString(torch::headeronly::CppTypeToScalarType<scalar_t>::value);
 }
 
-std::string floating_types(torch::stable::Tensor probe) {
-  const ScalarType dtype = dtype_of(probe);
-  return reached_or_error([&] {
-    std::string name;
-    VLLM_DISPATCH_FLOATING_TYPES(dtype, "vllm_dispatch_floating", [&] { name = reached<scalar_t>(); });
-    return name;
-  });
+std::string floating_types(Tensor probe) {
+  std::string name;
+  VLLM_DISPATCH_FLOATING_TYPES(dtype_of(probe), "vllm_dispatch_floating", [&] { name = reached<scalar_t>(); });
+  return name;
 }
 
-std::string half_types(torch::stable::Tensor probe) {
-  const ScalarType dtype = dtype_of(probe);
-  return reached_or_error([&] {
-    std::string name;
-    VLLM_DISPATCH_HALF_TYPES(dtype, "vllm_dispatch_half", [&] { name = reached<scalar_t>(); });
-    return name;
-  });
+std::string half_types(Tensor probe) {
+  std::string name;
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(probe), "vllm_dispatch_half", [&] { name = reached<scalar_t>(); });
+  return name;
 }
 
 // The _CASE_ forms compose with other cases inside one THO_DISPATCH_SWITCH.
-std::string case_floating_types_and_double(torch::stable::Tensor probe) {
-  const ScalarType dtype = dtype_of(probe);
-  return reached_or_error([&] {
-    std::string name;
-    THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_floating",
-                        VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
-                            THO_DISPATCH_CASE(ScalarType::Double, [&] { name = reached<scalar_t>(); }));
-    return name;
-  });
+std::string case_floating_types_and_double(Tensor probe) {
+  std::string name;
+  THO_DISPATCH_SWITCH(dtype_of(probe), "vllm_dispatch_case_floating",
+                      VLLM_DISPATCH_CASE_FLOATING_TYPES([&] { name = reached<scalar_t>(); })
+                          THO_DISPATCH_CASE(ScalarType::Double, [&] { name = reached<scalar_t>(); }));
+  return name;
 }
 
-std::string case_half_types_and_int(torch::stable::Tensor probe) {
-  const ScalarType dtype = dtype_of(probe);
-  return reached_or_error([&] {
-    std::string name;
-    THO_DISPATCH_SWITCH(dtype, "vllm_dispatch_case_half",
-                        VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
-                            THO_DISPATCH_CASE(ScalarType::Int, [&] { name = reached<scalar_t>(); }));
-    return name;
-  });
+std::string case_half_types_and_int(Tensor probe) {
+  std::string name;
+  THO_DISPATCH_SWITCH(dtype_of(probe), "vllm_dispatch_case_half",
+                      VLLM_DISPATCH_CASE_HALF_TYPES([&] { name = reached<scalar_t>(); })
+                          THO_DISPATCH_CASE(ScalarType::Int, [&] { name = reached<scalar_t>(); }));
+  return name;
+}
+
+template <std::string (*dispatch)(Tensor)>
+void check(Tensor probe) {
+  dispatch(probe);
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY(vllm_mla_ops_dispatch_test, m) {
-  m.def("floating_types(Tensor probe) -> str");
-  m.def("half_types(Tensor probe) -> str");
-  m.def("case_floating_types_and_double(Tensor probe) -> str");
-  m.def("case_half_types_and_int(Tensor probe) -> str");
+  for (const char* name : {"floating_types", "half_types", "case_floating_types_and_double", "case_half_types_and_int"}) {
+    m.def((std::string(name) + "(Tensor probe) -> str").c_str());
+    m.def((std::string(name) + "_check(Tensor probe) -> ()").c_str());
+  }
 }
 
 STABLE_TORCH_LIBRARY_IMPL(vllm_mla_ops_dispatch_test, CompositeExplicitAutograd, m) {
@@ -94,4 +78,8 @@ STABLE_TORCH_LIBRARY_IMPL(vllm_mla_ops_dispatch_test, CompositeExplicitAutograd,
   m.impl("half_types", TORCH_BOX(&half_types));
   m.impl("case_floating_types_and_double", TORCH_BOX(&case_floating_types_and_double));
   m.impl("case_half_types_and_int", TORCH_BOX(&case_half_types_and_int));
+  m.impl("floating_types_check", TORCH_BOX(&check<&floating_types>));
+  m.impl("half_types_check", TORCH_BOX(&check<&half_types>));
+  m.impl("case_floating_types_and_double_check", TORCH_BOX(&check<&case_floating_types_and_double>));
+  m.impl("case_half_types_and_int_check", TORCH_BOX(&check<&case_half_types_and_int>));
 }
