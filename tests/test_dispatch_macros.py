@@ -54,6 +54,9 @@ def dispatch_ops(tmp_path_factory):
             is_python_module=False,
             with_cuda=False,
             extra_cflags=["-DTORCH_STABLE_ONLY", "-DTORCH_TARGET_VERSION=0x020b000000000000ULL"],
+            # As for the package (CMakeLists.txt): a compiler that links its C++ runtime statically
+            # must keep that copy private, or formatting an error message crashes.
+            extra_ldflags=["-Wl,--exclude-libs,ALL"],
         )
     finally:
         os.environ["PATH"] = saved_path
