@@ -23,7 +23,13 @@ py="$venv/bin/python"
 "$py" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.14.1}" \
   "setuptools>=77" packaging "cmake>=3.26" ninja pytest hypothesis numpy
 "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-"$py" -c 'import vllm_mla_ops as m; i = m.build_info(); print(f"vllm_mla_ops {m.__version__}: target={i[\"target\"]}, torch floor {i[\"torch_floor\"]}, built with torch {i[\"built_with_torch\"]}" + (f", CUDA archs {i[\"cuda_arch_list\"]}" if i["cuda"] else ""))'
+"$py" - <<'PY'
+import vllm_mla_ops as m
+i = m.build_info()
+archs = f", CUDA {i['cuda']} archs {i['cuda_arch_list']}" if i["cuda"] else ""
+print(f"vllm_mla_ops {m.__version__}: target={i['target']}, torch floor {i['torch_floor']}, "
+      f"built with torch {i['built_with_torch']}{archs}")
+PY
 
 if [ "$job" = test ]; then
   exec "$py" -m pytest -q "$@"
