@@ -2,8 +2,7 @@
 // `<macro>(Tensor probe) -> str` returns the name of the scalar_t the probe's dtype reached
 // ("Half", ...), so a case that maps a dtype to the wrong type shows up by name; `<macro>_check`
 // runs the same dispatch and returns nothing, so a dtype outside the macro's list raises the
-// macro's own error. (Two ops because torch 2.11 crashes when a stable kernel with a str result
-// throws.) Built on the stable ABI only, as the package is.
+// macro's own error. Built on the stable ABI only, as the package is.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
