@@ -12,6 +12,7 @@ Environment:
   MAX_JOBS               parallel compile jobs (default: CPU count).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ def tool(name: str) -> str:
     return str(beside) if beside.is_file() else (shutil.which(name) or name)
 
 
+@functools.cache
 def build_target(torch) -> str:
     target = os.environ.get("VLLM_MLA_OPS_TARGET", "").strip().lower()
     if target not in ("", "cpu", "cuda"):
@@ -99,13 +101,11 @@ def nvcc_version(nvcc: str) -> str:
 
 def local_version() -> str:
     """VERSION with the target as a local label (+cpu, +cu130), so the two builds' wheels differ."""
-    target = os.environ.get("VLLM_MLA_OPS_TARGET", "").strip().lower()
-    if target == "cpu" or (target != "cuda" and find_nvcc() is None):
+    import torch
+
+    if build_target(torch) == "cpu":
         return f"{VERSION}+cpu"
-    nvcc = find_nvcc()
-    if nvcc is None:  # an explicit cuda target without nvcc: the build itself will say so
-        return f"{VERSION}+cuda"
-    return f"{VERSION}+cu{nvcc_version(nvcc).replace('.', '')}"
+    return f"{VERSION}+cu{nvcc_version(find_nvcc()).replace('.', '')}"
 
 
 class CMakeBuild(build_ext):
