@@ -163,5 +163,7 @@ setup(
     version=local_version(),
     ext_modules=[Extension("vllm_mla_ops._C", sources=[], py_limited_api=True)],
     cmdclass={"build_ext": CMakeBuild},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    # egg-info under build/: in the source root it would be found by importlib.metadata first when
+    # Python runs from there, with the version of whichever build wrote it last.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}, "egg_info": {"egg_base": "build"}},
 )
