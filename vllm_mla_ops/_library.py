@@ -90,7 +90,8 @@ def _register(name: str) -> None:
         q_out's version is bumped so that autograd sees the in-place write, as for torch's own ops.
 
         Registered at ADInplaceOrView (where torch's own ops bump versions): outside inference mode
-        every call passes it, inference tensors included, and inside inference mode none does."""
+        every call passes it, inference tensors included; inside it, calls on normal tensors pass it
+        (their versions are bumped, as torch does) and calls on inference tensors do not."""
         if torch.is_grad_enabled():
             for arg_name, arg in zip(arg_names, args):
                 if isinstance(arg, torch.Tensor) and arg.requires_grad:
