@@ -1,5 +1,7 @@
 // CPU kernels: one task per block of (token, head) rows; each row is two row operations, a copy
-// (memcpy where the last dims are unit-stride) or, for the fp8 op, a quantization.
+// (32-byte moves where the last dims are unit-stride) or, for the fp8 op, a quantization. A task's
+// row loop is compiled for AVX-512, AVX2 and the baseline ISA (the loader picks one clone per
+// process), so the wheel stays portable and the row operations inline into the wide clone.
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/Float8_e4m3fn.h>
 
@@ -14,19 +16,16 @@ namespace {
 // Elements per parallel task (ATen's own grain size): small inputs stay on the calling thread.
 constexpr int64_t kGrainElements = 32768;
 
-// A row copy inlined into the row loop: 32-byte moves, cloned for AVX-512 and AVX2 machines (the
-// loader picks the clone once per process), so a row costs no library call.
-[[gnu::target_clones("avx512f", "avx2", "default")]] void copy_bytes(char* dst, const char* src, int64_t n) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) __builtin_memcpy(dst + i, src + i, 32);
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
 struct CopyRow {
   template <typename scalar_t>
   void operator()(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) const {
     if (dst_stride == 1 && src_stride == 1) {
-      copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * int64_t{sizeof(scalar_t)});
+      auto* d = reinterpret_cast<char*>(dst);
+      const auto* s = reinterpret_cast<const char*>(src);
+      const int64_t bytes = n * int64_t{sizeof(scalar_t)};
+      int64_t i = 0;
+      for (; i + 32 <= bytes; i += 32) __builtin_memcpy(d + i, s + i, 32);
+      for (; i < bytes; ++i) d[i] = s[i];
       return;
     }
     for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = src[i * src_stride];
@@ -50,37 +49,52 @@ struct QuantizeRow {
   }
 };
 
+// Where the rows of one op call are: element strides, a 1-head q_pe as head stride 0.
+template <typename scalar_t, typename out_t>
+struct Rows {
+  const scalar_t* nope;
+  const scalar_t* pe;
+  out_t* out;
+  int64_t nope_s0, nope_s1, nope_s2, pe_s0, pe_s1, pe_s2, out_s0, out_s1, out_s2;
+  int64_t nope_dim, rope_dim;
+  int64_t inner;     // rows along the inner dim of the walk
+  bool heads_outer;  // walk head-major (the decode layout's ql_nope order) instead of token-major
+};
+
+// Rows [begin, end) of the walk: one division, then the rows advance along the inner dim.
+template <typename scalar_t, typename out_t, typename RowOp>
+[[gnu::target_clones("avx512f", "avx2", "default")]] void run_rows(const Rows<scalar_t, out_t>& r,
+                                                                   const RowOp& row_op, int64_t begin, int64_t end) {
+  int64_t o = begin / r.inner, i = begin % r.inner;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t t = r.heads_outer ? i : o, h = r.heads_outer ? o : i;
+    out_t* out_row = r.out + t * r.out_s0 + h * r.out_s1;
+    row_op(out_row, r.out_s2, r.nope + t * r.nope_s0 + h * r.nope_s1, r.nope_s2, r.nope_dim);
+    row_op(out_row + r.nope_dim * r.out_s2, r.out_s2, r.pe + t * r.pe_s0 + h * r.pe_s1, r.pe_s2, r.rope_dim);
+    if (++i == r.inner) {
+      i = 0;
+      ++o;
+    }
+  }
+}
+
 template <typename scalar_t, typename out_t, typename RowOp>
 void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const RowOp& row_op) {
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
-  const int64_t nope_dim = ql_nope.size(2), rope_dim = q_pe.size(2);
-  // A 1-head q_pe is one rope row shared by every head.
-  const int64_t pe_head_stride = q_pe.size(1) == 1 ? 0 : q_pe.stride(1);
-  const int64_t nope_s0 = ql_nope.stride(0), nope_s1 = ql_nope.stride(1), nope_s2 = ql_nope.stride(2);
-  const int64_t pe_s0 = q_pe.stride(0), pe_s2 = q_pe.stride(2);
-  const int64_t out_s0 = q_out.stride(0), out_s1 = q_out.stride(1), out_s2 = q_out.stride(2);
-  const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
-  const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
-  auto* out = static_cast<out_t*>(q_out.mutable_data_ptr());
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (nope_dim + rope_dim));
+  Rows<scalar_t, out_t> r{static_cast<const scalar_t*>(ql_nope.const_data_ptr()),
+                          static_cast<const scalar_t*>(q_pe.const_data_ptr()),
+                          static_cast<out_t*>(q_out.mutable_data_ptr()),
+                          ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
+                          q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
+                          q_out.stride(0), q_out.stride(1), q_out.stride(2),
+                          ql_nope.size(2), q_pe.size(2), 0, false};
   // Rows go in ql_nope's memory order (it is most of the bytes read): token-major, or head-major for
   // the decode layout, where ql_nope is a transposed [heads, tokens, nope] bmm output.
-  const bool heads_outer = heads > 1 && tokens > 1 && nope_s1 > nope_s0;
-  const int64_t inner = heads_outer ? tokens : heads;
-  torch::stable::parallel_for(0, tokens * heads, grain, [&](int64_t begin, int64_t end) {
-    // One division per task; its rows then advance along the inner dim.
-    int64_t o = begin / inner, i = begin % inner;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = heads_outer ? i : o, h = heads_outer ? o : i;
-      out_t* out_row = out + t * out_s0 + h * out_s1;
-      row_op(out_row, out_s2, nope + t * nope_s0 + h * nope_s1, nope_s2, nope_dim);
-      row_op(out_row + nope_dim * out_s2, out_s2, pe + t * pe_s0 + h * pe_head_stride, pe_s2, rope_dim);
-      if (++i == inner) {
-        i = 0;
-        ++o;
-      }
-    }
-  });
+  r.heads_outer = heads > 1 && tokens > 1 && r.nope_s1 > r.nope_s0;
+  r.inner = r.heads_outer ? tokens : heads;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + r.rope_dim));
+  torch::stable::parallel_for(0, tokens * heads, grain,
+                              [&](int64_t begin, int64_t end) { run_rows(r, row_op, begin, end); });
 }
 
 }  // namespace
