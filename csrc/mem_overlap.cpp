@@ -133,22 +133,13 @@ Overlap internal_overlap(const View& v) {
   std::vector<Term> terms;
   for (const auto& [stride, size] : dims) terms.push_back({stride, -(size - 1), size - 1});
   int64_t steps = 0;
-  bool undecided = false;
   for (size_t k = 0; k < terms.size(); ++k) {
     std::vector<Term> diff(terms.begin() + static_cast<std::ptrdiff_t>(k), terms.end());
     diff[0].lo = 1;
-    switch (BoundedSum(diff, steps).hits(0, 0)) {
-      case Overlap::kYes:
-        return Overlap::kYes;
-      case Overlap::kUndecided:
-        undecided = true;
-        break;
-      case Overlap::kNo:
-        break;
-    }
-    if (undecided) break;
+    // A yes settles it; an undecided search has spent the shared budget, so nothing later can.
+    if (const Overlap found = BoundedSum(diff, steps).hits(0, 0); found != Overlap::kNo) return found;
   }
-  return undecided ? Overlap::kUndecided : Overlap::kNo;
+  return Overlap::kNo;
 }
 
 Overlap overlap(const View& a, const View& b) {

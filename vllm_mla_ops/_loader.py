@@ -89,7 +89,7 @@ def _checked(path: Path) -> str:
     problem = _elf_problem(path)
     if problem is not None:
         raise ImportError(f"vllm_mla_ops: cannot load the compiled extension {path}: the file is not a complete shared "
-                            f"library ({problem}); {REBUILD_HINT}")
+                          f"library ({problem}); {REBUILD_HINT}")
     return str(path)
 
 
@@ -113,7 +113,7 @@ def load_extension(package: str, package_dir: str) -> dict:
         importlib.import_module(name)
     except (ImportError, OSError) as error:
         raise ImportError(f"vllm_mla_ops: cannot load the compiled extension {path} with torch {torch.__version__}: "
-                            f"{error}; {REBUILD_HINT}") from error
+                          f"{error}; {REBUILD_HINT}") from error
     cuda_library = Path(package_dir) / "_C_cuda.so"
     if torch.version.cuda is not None and cuda_library.is_file():
         cuda_path = _checked(cuda_library.resolve())
@@ -121,5 +121,5 @@ def load_extension(package: str, package_dir: str) -> dict:
             torch.ops.load_library(cuda_path)
         except OSError as error:
             raise ImportError(f"vllm_mla_ops: cannot load the CUDA kernels {cuda_path} with torch {torch.__version__}: "
-                                f"{error}; {REBUILD_HINT}") from error
+                              f"{error}; {REBUILD_HINT}") from error
     return info
