@@ -19,8 +19,8 @@ namespace {
 
 // N elements moved by one access, as a native vector type of their size, loaded with __ldg and
 // stored with __stwb, so 8 two-byte elements are exactly one 16-byte load and one 16-byte store
-// (LDG.E.128 / STG.E.128). A plain struct copy is not: nvcc split some of them into 2- or 4-byte
-// stores.
+// (LDG.E.128 / STG.E.128). A struct of c10::BFloat16 was not, nor is a plain store of the vector
+// type in the 64-bit index kernel: nvcc split some of them into 2- or 4-byte stores.
 template <int kBytes> struct PackOf;
 template <> struct PackOf<16> { using type = uint4; };
 template <> struct PackOf<8> { using type = uint2; };
@@ -36,11 +36,13 @@ struct ScaleArgs {
   const float* scale;
 };
 
-// concat_mla_q: a pack is stored as it was loaded.
+// concat_mla_q: a pack is stored as it was loaded. One pack a thread at every size: measured
+// faster than 2 or 4 (docs/perf-notes.md, v6).
 template <typename scalar_t>
 struct Copy {
   using out_t = scalar_t;
   using Args = NoArgs;
+  static constexpr int kPacksPerThread = 1;
   __device__ explicit Copy(Args) {}
   template <typename P>
   __device__ P operator()(const P& pack) const {
@@ -51,11 +53,13 @@ struct Copy {
 // concat_mla_q_fp8: e4m3fn(x * r) with r = 1 / scale correctly rounded (read on the device, so a
 // graph replay sees the scale of the moment), x * r in float32, rounded to nearest even. The
 // saturating conversion (satfinite) maps |x * r| > 448 and +-inf to +-448 and NaN to NaN, which
-// is what clamp(-448, 448) followed by a cast does.
+// is what clamp(-448, 448) followed by a cast does. Four packs a thread on large outputs, where
+// the conversion's instructions would otherwise leave too few loads in flight.
 template <typename scalar_t>
 struct QuantizeE4M3 {
   using out_t = __nv_fp8_storage_t;
   using Args = ScaleArgs;
+  static constexpr int kPacksPerThread = 4;
   float r;
   // An IEEE division (nvcc's default -prec-div=true; this build never uses --use_fast_math).
   __device__ explicit QuantizeE4M3(Args args) : r(1.0f / *args.scale) {}
@@ -83,45 +87,49 @@ struct QuantizeE4M3 {
 // Division by a divisor fixed for the whole launch, as a multiply and a shift (Granlund and
 // Montgomery): exact for numerators below 2^31, which the 32-bit index path guarantees.
 struct FastDivmod {
-  uint32_t divisor, multiplier, shift;
-  explicit FastDivmod(uint32_t d) : divisor(d), shift(0) {
+  uint32_t multiplier, shift;
+  explicit FastDivmod(uint32_t d) : shift(0) {
     while ((uint64_t{1} << shift) < d) ++shift;
     multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
   }
   __device__ uint32_t div(uint32_t n) const { return (__umulhi(n, multiplier) + n) >> shift; }
 };
 
-// The launch's geometry, strides in elements. When N > 1 the last-dim strides are 1 (host-checked).
+// The launch's geometry in Index arithmetic (uint32_t whenever every offset fits, see launch());
+// strides in elements. As few bytes as the kernel needs: at 4-64 tokens every byte of kernel
+// parameters the threads read costs launch latency (docs/perf-notes.md, v6), so the last-dim strides,
+// read only when N == 1 (else they are 1, host-checked), come last.
+template <typename Index>
 struct Geometry {
-  int64_t nope_s0, nope_s1, nope_s2;
-  int64_t pe_s0, pe_s1, pe_s2;  // pe_s1 == 0 for a 1-head q_pe
-  int64_t out_s0, out_s1, out_s2;
-  int64_t nope_packs, packs, heads;  // packs: per (token, head) row, nope and rope
-  int64_t total;                     // tokens * heads * packs
+  Index total;                 // packs in the output: tokens * heads * packs
+  Index packs, heads;          // packs per (token, head) row, nope and rope; rows per token
+  FastDivmod by_packs, by_heads;  // the two divisions, 32-bit index only
+  Index nope_packs;
+  Index nope_s0, nope_s1, pe_s0, pe_s1, out_s0, out_s1;  // pe_s1 == 0 for a 1-head q_pe
+  Index nope_s2, pe_s2, out_s2;
 };
 
-// Where flat pack i of the output is read and written: i = (t * heads + h) * packs + p. Index is
-// uint32_t (fast divisions) when every flat index stays below 2^31, else int64_t (plain divisions).
+// Flat pack i of the output, i = (t * heads + h) * packs + p: where it is read and written.
 template <typename scalar_t, typename out_t, int N, typename Index>
 struct PackAt {
   const scalar_t* src;
   out_t* dst;
-  __device__ PackAt(const scalar_t* nope, const scalar_t* pe, out_t* out, const Geometry& g, const FastDivmod& packs,
-                    const FastDivmod& heads, Index i) {
+  __device__ PackAt(const scalar_t* nope, const scalar_t* pe, out_t* out, const Geometry<Index>& g, Index i) {
     Index row, t;
     if constexpr (sizeof(Index) == 4) {
-      row = packs.div(i);
-      t = heads.div(row);
+      row = g.by_packs.div(i);
+      t = g.by_heads.div(row);
     } else {
       row = i / g.packs;
       t = row / g.heads;
     }
-    const int64_t p = i - row * static_cast<Index>(g.packs);
-    const int64_t h = row - t * static_cast<Index>(g.heads);
+    const Index p = i - row * g.packs, h = row - t * g.heads;
     // One address selected per pack: no divergent branch between the two inputs.
-    src = p < g.nope_packs ? nope + t * g.nope_s0 + h * g.nope_s1 + p * (N > 1 ? N : g.nope_s2)
-                           : pe + t * g.pe_s0 + h * g.pe_s1 + (p - g.nope_packs) * (N > 1 ? N : g.pe_s2);
-    dst = out + t * g.out_s0 + h * g.out_s1 + p * (N > 1 ? N : g.out_s2);
+    const bool in_nope = p < g.nope_packs;
+    const Index q = in_nope ? p : p - g.nope_packs;
+    src = (in_nope ? nope : pe) + (t * (in_nope ? g.nope_s0 : g.pe_s0) + h * (in_nope ? g.nope_s1 : g.pe_s1) +
+                                   q * (N > 1 ? N : (in_nope ? g.nope_s2 : g.pe_s2)));
+    dst = out + (t * g.out_s0 + h * g.out_s1 + p * (N > 1 ? N : g.out_s2));
   }
 };
 
@@ -132,21 +140,22 @@ struct PackAt {
 // together; the grid loops when it cannot cover the output in one pass.
 template <typename scalar_t, int N, typename Index, int kPacksPerThread, typename Convert>
 __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
-                                    typename Convert::out_t* __restrict__ out, const Geometry g,
-                                    const FastDivmod packs, const FastDivmod heads,
+                                    typename Convert::out_t* __restrict__ out, const Geometry<Index> g,
                                     const typename Convert::Args args) {
   using At = PackAt<scalar_t, typename Convert::out_t, N, Index>;
+  using In = Pack<scalar_t, N>;
+  using Out = Pack<typename Convert::out_t, N>;
   const Index step = static_cast<Index>(gridDim.x) * blockDim.x * kPacksPerThread;
-  for (Index first = static_cast<Index>(blockIdx.x) * blockDim.x * kPacksPerThread + threadIdx.x;
-       first < static_cast<Index>(g.total); first += step) {
-    Pack<scalar_t, N> buf[kPacksPerThread];
+  for (Index first = static_cast<Index>(blockIdx.x) * blockDim.x * kPacksPerThread + threadIdx.x; first < g.total;
+       first += step) {
+    In buf[kPacksPerThread];
     typename Convert::out_t* dst[kPacksPerThread];
 #pragma unroll
     for (int j = 0; j < kPacksPerThread; ++j) {
       const Index i = first + static_cast<Index>(j) * blockDim.x;
-      if (i < static_cast<Index>(g.total)) {
-        const At at(nope, pe, out, g, packs, heads, i);
-        buf[j] = __ldg(reinterpret_cast<const Pack<scalar_t, N>*>(at.src));
+      if (i < g.total) {
+        const At at(nope, pe, out, g, i);
+        buf[j] = __ldg(reinterpret_cast<const In*>(at.src));
         dst[j] = at.dst;
       }
     }
@@ -155,8 +164,8 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
     const Convert convert(args);
 #pragma unroll
     for (int j = 0; j < kPacksPerThread; ++j) {
-      if (first + static_cast<Index>(j) * blockDim.x < static_cast<Index>(g.total)) {
-        __stwb(reinterpret_cast<Pack<typename Convert::out_t, N>*>(dst[j]), convert(buf[j]));
+      if (first + static_cast<Index>(j) * blockDim.x < g.total) {
+        __stwb(reinterpret_cast<Out*>(dst[j]), convert(buf[j]));
       }
     }
   }
@@ -174,41 +183,50 @@ bool rows_split_into_packs(const Tensor& t, int64_t n) {
   return true;
 }
 
+// The largest element offset a [T, H, W] view addresses (the validator has checked that it lies
+// inside the storage, so the sum does not overflow).
+int64_t last_offset(const Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < 3; ++d) last += (t.size(d) - 1) * t.stride(d);
+  return last;
+}
+
 template <typename scalar_t, typename Convert, int N>
 void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
             cudaStream_t stream) {
   constexpr int kThreads = 256;
-  // Packs per thread: up to four, keeping at least kMinBlocks blocks (about one full wave of
-  // 256-thread blocks on a 132-SM H100/H200), so small outputs spread over every SM (their time is
-  // latency) and large ones keep several loads in flight per thread with fewer blocks.
+  // The conversion's packs a thread where that still leaves kMinBlocks blocks (about eight
+  // 256-thread blocks per SM of a 132-SM H100/H200), else one; at most kMaxBlocks blocks, looping.
   constexpr int64_t kMinBlocks = 1024, kMaxBlocks = int64_t{1} << 30;
+  constexpr int kWide = Convert::kPacksPerThread;
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
-  const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N;
-  const Geometry g{ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
-                   q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
-                   q_out.stride(0), q_out.stride(1), q_out.stride(2),
-                   ql_nope.size(2) / N, packs, heads, tokens * heads * packs};
+  const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N, total = tokens * heads * packs;
   const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
   const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
   auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
   const auto run = [&](auto packs_per_thread, auto index) {
     constexpr int kPacks = decltype(packs_per_thread)::value;
     using Index = decltype(index);
-    const int64_t blocks = std::min(kMaxBlocks, (g.total + kThreads * kPacks - 1) / (kThreads * kPacks));
+    const int64_t blocks = std::min(kMaxBlocks, (total + kThreads * kPacks - 1) / (kThreads * kPacks));
     // A 64-bit launch never uses the divisors; they only need to be valid numbers.
-    const FastDivmod packs_div(static_cast<uint32_t>(std::min<int64_t>(packs, UINT32_MAX)));
-    const FastDivmod heads_div(static_cast<uint32_t>(std::min<int64_t>(heads, UINT32_MAX)));
-    concat_mla_q_kernel<scalar_t, N, Index, kPacks, Convert><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        nope, pe, out, g, packs_div, heads_div, args);
+    const auto divisor = [](int64_t d) { return FastDivmod(static_cast<uint32_t>(std::min<int64_t>(d, UINT32_MAX))); };
+    const auto I = [](int64_t v) { return static_cast<Index>(v); };
+    const Geometry<Index> g{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(ql_nope.size(2) / N),
+                            I(ql_nope.stride(0)), I(ql_nope.stride(1)), I(q_pe.stride(0)),
+                            I(q_pe.size(1) == 1 ? 0 : q_pe.stride(1)), I(q_out.stride(0)), I(q_out.stride(1)),
+                            I(ql_nope.stride(2)), I(q_pe.stride(2)), I(q_out.stride(2))};
+    concat_mla_q_kernel<scalar_t, N, Index, kPacks, Convert>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(nope, pe, out, g, args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // 32-bit indices while first + step (under twice the total) stays below 2^31.
-  if (g.total >= (int64_t{1} << 30)) {
-    run(std::integral_constant<int, 4>{}, int64_t{});
-  } else if (g.total >= 4 * kThreads * kMinBlocks) {
-    run(std::integral_constant<int, 4>{}, uint32_t{});
-  } else if (g.total >= 2 * kThreads * kMinBlocks) {
-    run(std::integral_constant<int, 2>{}, uint32_t{});
+  // 32-bit arithmetic when the flat index (first + step < twice the total) stays below 2^31 and
+  // every element offset below 2^32: strides are never negative, so each term of an offset is at
+  // most the offset, and unsigned arithmetic gives it exactly.
+  const int64_t last = std::max({last_offset(ql_nope), last_offset(q_pe), last_offset(q_out)});
+  if (total >= (int64_t{1} << 30) || last >= (int64_t{1} << 32)) {
+    run(std::integral_constant<int, kWide>{}, int64_t{});
+  } else if (total >= kWide * kThreads * kMinBlocks) {
+    run(std::integral_constant<int, kWide>{}, uint32_t{});
   } else {
     run(std::integral_constant<int, 1>{}, uint32_t{});
   }

@@ -90,14 +90,24 @@ MODEL_GEOMETRIES = [
 ]
 
 # (nope_dim, rope_dim): widths that allow 8-, 4-, 2- and 1-element packs; 1100 + 64 with a strided
-# last dim is a row of more packs than the CUDA kernel's one-row blocks have threads.
+# last dim is a row of over 1024 one-element packs (more than a block has threads).
 WIDTHS = [pytest.param(n, r, id=f"{n}+{r}")
           for n, r in [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0), (1100, 64)]]
 
-# (tokens, heads): up to 512 rows (tokens * heads) the CUDA kernels run one block a row, above that
-# several rows a block; these cover both launch paths and the boundary.
-ROW_COUNTS = [(1, 16), (4, 128), (513, 1), (7, 128), (300, 16)]
-LAUNCH_PATHS = [pytest.param(4, 128, id="512-rows"), pytest.param(7, 128, id="896-rows")]
+# The CUDA launch paths: one pack a thread, and for the fp8 kernel four packs a thread from 2^20
+# packs in q_out (offsets past 2^32 elements, the 64-bit path, are the `large` tests').
+# (tokens, heads) in the engines' layouts: 113 x 128 rows of 72 packs are 1,041,408 packs, 114 x 128
+# are 1,050,624 (the boundary); 342 x 128 K-side rows of 24 packs are past it too.
+ROW_COUNTS = [(1, 16), (4, 128), (113, 128), (114, 128), (342, 128)]
+# For any widths, q_out's element count: under 2^20 elements is under 2^20 packs whatever the pack
+# width; 2^23 elements are at least 2^20 packs even of 8 elements.
+LAUNCH_PATHS = [pytest.param(2**18, id="small-output"), pytest.param(2**23, id="large-output")]
+
+
+def tokens_for(elements: int, heads: int, width: int) -> int:
+    """Tokens that give a [tokens, heads, width] q_out at least `elements` elements (no more than one
+    token's worth over)."""
+    return -(-elements // (heads * width))
 
 # (nope layout, rope layout, out layout): which pack width each combination allows is in the id.
 ALIGNMENTS = [

@@ -1,13 +1,23 @@
 """CUDA-only promises: every vector width path (misaligned and strided views fall back correctly), the
-current stream (side streams, CUDA graphs, torch.compile's cudagraphs), more than 2^31 elements, and
-inputs on a GPU other than the current one."""
+current stream (side streams, CUDA graphs, torch.compile's cudagraphs), more than 2^31 elements, offsets
+past 2^32 elements in a small output, and inputs on a GPU other than the current one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mla_helpers import ALIGNMENTS, HALF_DTYPES, LAUNCH_PATHS, ROW_COUNTS, WIDTHS, check_rejected, check_writes_reference
+from mla_helpers import (
+    ALIGNMENTS,
+    HALF_DTYPES,
+    LAUNCH_PATHS,
+    ROW_COUNTS,
+    WIDTHS,
+    check_rejected,
+    check_writes_reference,
+    scalar,
+    tokens_for,
+)
 from vllm_mla_ops.testing import (
     assert_bitwise_equal,
     bits,
@@ -25,13 +35,14 @@ pytestmark = pytest.mark.cuda
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
 
-@pytest.mark.parametrize("tokens, heads", LAUNCH_PATHS)
+@pytest.mark.parametrize("elements", LAUNCH_PATHS)
 @pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
-def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, tokens, heads):
-    """Every pack width (16, 8, 4, 2 bytes, one element) that alignment and widths select, on both
-    launch paths. One dtype: the copy moves bytes, so fp16 and bf16 differ only in the launch tests."""
-    dtype = torch.bfloat16
+def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, elements):
+    """Every pack width (16, 8, 4, 2 bytes, one element) that alignment and widths select, at a small
+    and a large q_out. One dtype: the copy moves bytes, so fp16 and bf16 differ only in the launch tests."""
+    dtype, heads = torch.bfloat16, 128
+    tokens = tokens_for(elements, heads, nope_dim + rope_dim)
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
     q_pe = pe_layout((tokens, heads, rope_dim), dtype, "cuda")
     q_out = out_layout((tokens, heads, nope_dim + rope_dim), dtype, "cuda")
@@ -138,6 +149,19 @@ def test_more_than_2_pow_31_elements():
     for t in (0, 1, tokens // 2, tokens - 2, tokens - 1):
         assert_bitwise_equal(q_out[t], reference(ql_nope[t : t + 1], q_pe[t : t + 1])[0], f"token {t}")
     assert_bitwise_equal(q_out, reference(ql_nope, q_pe))
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_offsets_past_2_pow_32_elements_in_a_small_output(out_dtype):
+    """Two tokens 2^32 elements apart in q_out's and ql_nope's storages (about 8.6 GB each) but only
+    1152 elements to write: offsets that do not fit 32 bits take 64-bit arithmetic however small the
+    output, and nothing between the two tokens is written."""
+    dtype, far = torch.bfloat16, 2**32
+    ql_nope = random_bits((far + 512,), dtype, "cuda").as_strided((2, 1, 512), (far, 512, 1))
+    q_pe = random_bits((2, 1, 64), dtype, "cuda")
+    q_out = random_bits((far + 576,), out_dtype, "cuda").as_strided((2, 1, 576), (far, 576, 1))
+    check_writes_reference(ql_nope, q_pe, q_out, None if out_dtype == dtype else scalar(0.0037, "cuda"))
 
 
 # ------------------------------------------------------------------------------- two GPUs

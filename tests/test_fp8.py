@@ -29,6 +29,7 @@ from mla_helpers import (
     check_rejected,
     check_writes_reference,
     scalar,
+    tokens_for,
 )
 from vllm_mla_ops.testing import (
     assert_fp8_equal,
@@ -443,12 +444,14 @@ def test_runs_on_the_current_stream_without_syncing():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("tokens, heads", LAUNCH_PATHS)
+@pytest.mark.parametrize("elements", LAUNCH_PATHS)
 @pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
-def test_misaligned_and_odd_widths(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, tokens, heads, dtype):
+def test_misaligned_and_odd_widths(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, elements, dtype):
     """Every pack width that alignment and widths select, on both launch paths, for both input
     dtypes (each converts to e4m3 its own way)."""
+    heads = 128
+    tokens = tokens_for(elements, heads, nope_dim + rope_dim)
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
     q_pe = pe_layout((tokens, heads, rope_dim), dtype, "cuda")
     q_out = out_layout((tokens, heads, nope_dim + rope_dim), FP8, "cuda")

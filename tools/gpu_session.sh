@@ -2,8 +2,9 @@
 # Build, test and benchmark on a machine with NVIDIA GPUs (torch, nvcc, cmake and ninja installed;
 # no network needed), in one command:
 #   OUT=/tmp/out bash tools/gpu_session.sh [pytest args...]
-# STEPS picks the steps after the build (default "tests memcheck sass bench"); SANITIZERS the
-# compute-sanitizer tools of the memcheck step (default memcheck), run over the CUDA tests.
+# STEPS picks the steps after the build (default "tests large memcheck sass bench"; "large" runs the
+# tests marked large, tens of GB of GPU memory); SANITIZERS the compute-sanitizer tools of the
+# memcheck step (default memcheck), run over the CUDA tests.
 # pytest.log, sanitizer.log, the benchmark tables (*.md) and bench.tar.gz (every CSV, JSON and
 # PNG) go to $OUT.
 set -uo pipefail
@@ -26,7 +27,7 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . >/tmp/build.log 
 fi
 python3 -c 'import vllm_mla_ops as m; print(m.__version__, m.build_info())'
 
-steps=" ${STEPS:-tests memcheck sass bench} "
+steps=" ${STEPS:-tests large memcheck sass bench} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 
 if want tests; then
@@ -35,10 +36,18 @@ if want tests; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if want large; then
+  step "tests marked large"
+  python3 -m pytest -q -rs -p no:cacheprovider --run-large -m large tests 2>&1 | tee "$out/pytest_large.log" | tail -5
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
 if want memcheck; then
   # The CUDA tests; reduce-overhead's cudagraph trees report pool tensors "not tracked as outputs"
-  # under the sanitizer only (the plain run passes), so that one test is left to the plain run.
-  SANITIZED="cuda and not reduce_overhead"
+  # under the sanitizer only (the plain run passes), so that one test is left to the plain run, and
+  # the large-output cases of the width tests (millions of threads each, slow under the sanitizer)
+  # too: their launch paths are the row-count tests', which do run here.
+  SANITIZED="cuda and not reduce_overhead and not large-output"
   for tool in ${SANITIZERS:-memcheck}; do
     step "compute-sanitizer $tool over the CUDA tests"
     compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -rfs -p no:cacheprovider -k "$SANITIZED" \
