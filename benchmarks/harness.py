@@ -16,7 +16,9 @@ buffers. ``run()`` then, per case:
      call, so inputs that fit in L2 stay there, as in a decode step where the producer just wrote
      them. Summary: median and the 20th-80th percentile spread over >= 20 replays.
    - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` per round at a fixed thread count;
-     the blocks of all rounds are pooled. Summary: median and the interquartile range.
+     the blocks of all rounds are pooled. Summary: median and the interquartile range. A CPU case
+     is set up, checked and timed under ``torch.inference_mode()``, as engines call these ops, so
+     the host path timed is theirs.
 3. prints a markdown table per group (us per call; for the contender with role "subject", % of the
    ceiling = fastest "ceiling" contender's time / its time, and "x <baseline>" = baseline time / its
    time), and writes CSV, JSON and, when matplotlib is importable, a PNG per group to ``out_dir``.
@@ -30,6 +32,7 @@ SM copy of the same bytes; a graph-captured ``copy_`` is a memcpy node, slower, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -229,40 +232,51 @@ def run(cases: list[Case], s: Settings) -> list[Result]:
     results = []
     cuda = s.device.type == "cuda"
     for case in cases:
-        contenders = case.setup()
-        timed = []
-        for c in contenders:
-            try:
-                note = c.check() if c.check else None
-            except Exception as exc:  # noqa: BLE001 - a wrong or raising contender is a result
-                results.append(Result(case.group, case.size, c.name, c.role, "FAIL",
-                                      note=f"{type(exc).__name__}: {exc}"))
-                continue
-            timed.append((c, note or ""))
-        if case.before_timing:
-            case.before_timing()
-        start = _cpu_seconds()
-        samples = (_time_cuda if cuda else _time_cpu)([c for c, _ in timed], s)
-        others = None if cuda else _others_cores(start)
-        if others is not None and others >= 0.2 and timed:  # see _other_work: a row that may be noise
-            c, note = timed[0]
-            timed[0] = (c, (note + "; " if note else "") + f"other processes used {others:.1f} cores")
-        for c, note in timed:
-            rounds = samples[c.name]
-            med, lo, hi = summarize([t for r in rounds for t in r], cuda)
-            results.append(Result(case.group, case.size, c.name, c.role, "ok", med, lo, hi,
-                                  sum(map(len, rounds)),
-                                  [statistics.median(r) * 1e6 for r in rounds], note))
-        medians = {r.contender: r.median_us * 1e-6 for r in results
-                   if r.group == case.group and r.size == case.size and r.status == "ok"}
-        if case.extra:
-            for key, value in case.extra(medians).items():
-                results.append(Result(case.group, case.size, key, "extra", "ok", note=value))
-        del contenders, timed
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        # CPU: buffers made and calls timed under inference mode, as engines call the ops; a CPU
+        # call's time includes its host path, and this is the path they take. CUDA times are graph
+        # replays, which run no host code.
+        with contextlib.nullcontext() if cuda else torch.inference_mode():
+            results += _run_case(case, s)
         print(f"  {case.group}: {case.size} done", file=sys.stderr, flush=True)
+    return results
+
+
+def _run_case(case: Case, s: Settings) -> list[Result]:
+    results = []
+    cuda = s.device.type == "cuda"
+    contenders = case.setup()
+    timed = []
+    for c in contenders:
+        try:
+            note = c.check() if c.check else None
+        except Exception as exc:  # noqa: BLE001 - a wrong or raising contender is a result
+            results.append(Result(case.group, case.size, c.name, c.role, "FAIL",
+                                  note=f"{type(exc).__name__}: {exc}"))
+            continue
+        timed.append((c, note or ""))
+    if case.before_timing:
+        case.before_timing()
+    start = _cpu_seconds()
+    samples = (_time_cuda if cuda else _time_cpu)([c for c, _ in timed], s)
+    others = None if cuda else _others_cores(start)
+    if others is not None and others >= 0.2 and timed:  # see _other_work: a row that may be noise
+        c, note = timed[0]
+        timed[0] = (c, (note + "; " if note else "") + f"other processes used {others:.1f} cores")
+    for c, note in timed:
+        rounds = samples[c.name]
+        med, lo, hi = summarize([t for r in rounds for t in r], cuda)
+        results.append(Result(case.group, case.size, c.name, c.role, "ok", med, lo, hi,
+                              sum(map(len, rounds)),
+                              [statistics.median(r) * 1e6 for r in rounds], note))
+    medians = {r.contender: r.median_us * 1e-6 for r in results
+               if r.group == case.group and r.size == case.size and r.status == "ok"}
+    if case.extra:
+        for key, value in case.extra(medians).items():
+            results.append(Result(case.group, case.size, key, "extra", "ok", note=value))
+    del contenders, timed
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     return results
 
 

@@ -3,9 +3,9 @@
 // row loop is compiled for AVX-512, AVX2 and the baseline ISA (the loader picks one clone per
 // process), so the wheel stays portable and the row operations inline into the wide clone.
 #include <torch/csrc/stable/ops.h>
-#include <torch/headeronly/util/Float8_e4m3fn.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "dispatch_utils.h"
@@ -32,20 +32,47 @@ struct CopyRow {
   }
 };
 
+// The e4m3fn bits of x for |x| <= 448 or NaN: torch's round-to-nearest-even conversion
+// (fp8e4m3fn_from_fp32_value) with its branches turned into selects, so that a row loop of it
+// vectorizes. Below 2^-6 a float add aligns the mantissa for the subnormal result; above, the
+// mantissa rounds to 3 bits, ties to even, as the exponent is rebiased.
+inline uint8_t e4m3fn_bits(float x) {
+  constexpr uint32_t kSubnormalMagic = UINT32_C(141) << 23, kSmallestNormal = UINT32_C(121) << 23;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t sign = bits & UINT32_C(0x80000000), mag = bits ^ sign;
+  float magnitude, magic, sum;
+  std::memcpy(&magnitude, &mag, sizeof(mag));
+  std::memcpy(&magic, &kSubnormalMagic, sizeof(magic));
+  sum = magnitude + magic;
+  uint32_t subnormal;
+  std::memcpy(&subnormal, &sum, sizeof(sum));
+  subnormal -= kSubnormalMagic;
+  const uint32_t normal = (mag + (static_cast<uint32_t>(7 - 127) << 23) + UINT32_C(0x7FFFF) + ((mag >> 20) & 1)) >> 20;
+  uint32_t result = mag < kSmallestNormal ? subnormal : normal;
+  result = mag > UINT32_C(0x7F800000) ? UINT32_C(0x7F) : result;
+  return static_cast<uint8_t>(result | (sign >> 24));
+}
+
 // x * r in float32, clamped to e4m3fn's finite range (NaN stays NaN: both compares are false), then
-// the round-to-nearest-even conversion: the same steps as the reference
+// rounded to nearest even: the steps of the reference
 // (x.float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn).
 struct QuantizeRow {
   float r;  // 1 / scale, correctly rounded
   template <typename scalar_t>
-  void operator()(torch::headeronly::Float8_e4m3fn* dst, int64_t dst_stride, const scalar_t* src,
-                  int64_t src_stride, int64_t n) const {
+  uint8_t operator()(scalar_t v) const {
     constexpr float kMax = 448.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      float x = static_cast<float>(src[i * src_stride]) * r;
-      x = x > kMax ? kMax : (x < -kMax ? -kMax : x);
-      dst[i * dst_stride] = torch::headeronly::Float8_e4m3fn(x);
+    float x = static_cast<float>(v) * r;
+    x = x > kMax ? kMax : (x < -kMax ? -kMax : x);
+    return e4m3fn_bits(x);
+  }
+  template <typename scalar_t>
+  void operator()(uint8_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) const {
+    if (dst_stride == 1 && src_stride == 1) {  // the loop that vectorizes
+      for (int64_t i = 0; i < n; ++i) dst[i] = (*this)(src[i]);
+      return;
     }
+    for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = (*this)(src[i * src_stride]);
   }
 };
 
@@ -112,6 +139,6 @@ void concat_mla_q_fp8_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out, Tensor scal
   if (q_out.numel() == 0) return;
   const QuantizeRow quantize{1.0f / *static_cast<const float*>(scale.const_data_ptr())};
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
-    concat_rows<scalar_t, torch::headeronly::Float8_e4m3fn>(ql_nope, q_pe, q_out, quantize);
+    concat_rows<scalar_t, uint8_t>(ql_nope, q_pe, q_out, quantize);
   });
 }
