@@ -289,8 +289,8 @@ def header(title: str, s: Settings) -> dict[str, str]:
         timing = "CUDA graph of {} calls, median replay / {} (q20-q80 spread)".format(s.calls, s.calls)
     else:
         name = _cpu_name()
-        timing = (f"torch.utils.benchmark blocked_autorange, {s.threads} thread(s){s.threads_note} "
-                  "(median, IQR spread)")
+        timing = (f"torch.utils.benchmark blocked_autorange, {s.threads} thread(s){s.threads_note}, "
+                  "under torch.inference_mode() (median, IQR spread)")
         name += f" ({os.cpu_count()} cores{_other_work(s.cpu_at_start)})"
     return {"title": title, "device": name, "torch": torch.__version__,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
