@@ -109,6 +109,7 @@ def tokens_for(elements: int, heads: int, width: int) -> int:
     token's worth over)."""
     return -(-elements // (heads * width))
 
+
 # (nope layout, rope layout, out layout): which pack width each combination allows is in the id.
 ALIGNMENTS = [
     pytest.param(shifted(0), shifted(0), shifted(0), id="aligned"),
