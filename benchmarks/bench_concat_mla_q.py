@@ -9,7 +9,9 @@ Ceiling (CUDA): the faster of torch.bitwise_not over int16 buffers of the op's b
 Triton flat copy that reads the inputs' element count and writes q_out's (best block size per size),
 so for k_side it reads k_pe once per token, as the op can. --bmm adds, on the decode layout, a graph
 of [bmm writing ql_nope, then the op] and of the bmm alone: the difference is what the op adds
-behind the matmul that feeds it.
+behind the matmul that feeds it. The same pair with the Triton flat copy (block 1024) from the bmm's
+output into q_out's buffer in place of the op shows what the memory state the bmm leaves costs any
+copy of those bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 import harness as h
 import vllm_mla_ops  # noqa: F401  (registers torch.ops._C.concat_mla_q)
-from vllm_mla_ops.testing import assert_bitwise_equal, engine_inputs, reference
+from vllm_mla_ops.testing import assert_bitwise_equal, bits, engine_inputs, reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("decode", "contiguous", "k_side")
@@ -89,11 +91,11 @@ def case(dtype: str, layout: str, heads: int, tokens: int, device: torch.device,
             contenders += h.bitwise_not_ceiling(n_write, device)
         contenders += h.flat_copy_ceilings(n_read, n_write, device)
         contenders += h.launch_floor(device)
-        if bmm and layout == "decode":
+        if pair:
             contenders += bmm_pair(ql_nope, ours, q_out, expect)
         return contenders
-    return h.Case(f"{dtype} {layout}, {heads} heads", tokens, setup,
-                  added_by_ours if bmm and layout == "decode" else None)
+    pair = bmm and layout == "decode" and device.type == "cuda"
+    return h.Case(f"{dtype} {layout}, {heads} heads", tokens, setup, added_by_ours if pair else None)
 
 
 def bmm_pair(ql_nope: torch.Tensor, ours, q_out: torch.Tensor, expect) -> list[h.Contender]:
@@ -105,24 +107,31 @@ def bmm_pair(ql_nope: torch.Tensor, ours, q_out: torch.Tensor, expect) -> list[h
     q_nope = torch.randn(heads, tokens, 128, dtype=ql_nope.dtype, device=ql_nope.device)
     w_uk = torch.randn(heads, 128, nope_dim, dtype=ql_nope.dtype, device=ql_nope.device) / 16
     bmm = lambda: torch.bmm(q_nope, w_uk, out=bmm_out)  # noqa: E731
+    copy = h.flat_copy(bits(bmm_out).view(-1), bits(q_out).view(-1), 1024)
 
-    def pair() -> None:
-        bmm()
-        ours()
-    return [h.Contender("bmm", bmm), h.Contender("bmm -> ours", pair, check=poison_check(pair, q_out, expect))]
+    def then(op):
+        def pair() -> None:
+            bmm()
+            op()
+        return pair
+    return [h.Contender("bmm", bmm),
+            h.Contender("bmm -> ours", then(ours), check=poison_check(then(ours), q_out, expect)),
+            h.Contender("copy", copy), h.Contender("bmm -> copy", then(copy))]
 
 
 def added_by_ours(medians: dict[str, float]) -> dict[str, str]:
-    if not all(k in medians for k in ("bmm", "bmm -> ours", "ours")):
+    """What the op and the copy add behind the bmm, against their time alone."""
+    if not all(k in medians for k in ("bmm", "bmm -> ours", "ours", "copy", "bmm -> copy")):
         return {}
-    added = medians["bmm -> ours"] - medians["bmm"]
+    added, copy_added = (medians[f"bmm -> {k}"] - medians["bmm"] for k in ("ours", "copy"))
     return {"ours after bmm us": f"{added * 1e6:.2f}",
-            "after bmm / alone": f"{100 * added / medians['ours']:.0f}%"}
+            "after bmm / alone": f"{100 * added / medians['ours']:.0f}%",
+            "copy after bmm / alone": f"{100 * copy_added / medians['copy']:.0f}%"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, "decode,contiguous,k_side")
-    p.add_argument("--bmm", action="store_true", help="add the [bmm -> concat] pair (decode layout)")
+    p.add_argument("--bmm", action="store_true", help="add the [bmm -> concat] pair (CUDA, decode layout)")
     args = p.parse_args(argv)
     s, groups = sweep(args)
     cases = [case(d, l, n, t, s.device, args.bmm) for d, l, n, tokens in groups for t in tokens]

@@ -191,21 +191,23 @@ if triton is not None:
         tl.store(dst + offs, x.to(dst.dtype.element_ty), mask=offs < n_write)
 
 
+def flat_copy(src: torch.Tensor, dst: torch.Tensor, block: int) -> Callable[[], object]:
+    """The Triton flat copy of all of 1-D ``src`` into all of 1-D ``dst`` (zeros past src's end)."""
+    n_read, n_write = src.numel(), dst.numel()
+    assert max(n_read, n_write) < 2**31, "32-bit offsets"
+    grid = (triton.cdiv(max(n_read, n_write), block),)
+    return lambda: _flat_copy[grid](src, dst, n_read, n_write, BLOCK=block)
+
+
 def flat_copy_ceilings(n_read: int, n_write: int, device: torch.device,
                        src_dtype: torch.dtype = torch.int16, dst_dtype: torch.dtype = torch.int16,
                        blocks: tuple[int, ...] = (1024, 2048, 4096, 8192)) -> list[Contender]:
     """One Triton flat-copy contender per block size, on one shared pair of buffers."""
     if triton is None or device.type != "cuda":
         return []
-    assert max(n_read, n_write) < 2**31, "32-bit offsets"
     src = torch.randint(-100, 100, (n_read,), device=device).to(src_dtype)  # never time zeros
     dst = torch.empty(n_write, dtype=dst_dtype, device=device)
-    n = max(n_read, n_write)
-
-    def launcher(block: int) -> Callable[[], object]:
-        grid = (triton.cdiv(n, block),)
-        return lambda: _flat_copy[grid](src, dst, n_read, n_write, BLOCK=block)
-    return [Contender(f"triton copy {b}", launcher(b), CEILING) for b in blocks]
+    return [Contender(f"triton copy {b}", flat_copy(src, dst, b), CEILING) for b in blocks]
 
 
 def bitwise_not_ceiling(numel: int, device: torch.device) -> list[Contender]:

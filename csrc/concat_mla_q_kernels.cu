@@ -36,8 +36,8 @@ struct ScaleArgs {
   const float* scale;
 };
 
-// concat_mla_q: a pack is stored as it was loaded. One pack a thread at every size: measured
-// faster than 2 or 4 (docs/perf-notes.md, v6).
+// concat_mla_q: a pack is stored as it was loaded. One pack a thread (measured faster than 2 or 4
+// on rows of 72 packs, docs/perf-notes.md, v6), two on large outputs of short rows (see launch()).
 template <typename scalar_t>
 struct Copy {
   using out_t = scalar_t;
@@ -195,10 +195,13 @@ template <typename scalar_t, typename Convert, int N>
 void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
             cudaStream_t stream) {
   constexpr int kThreads = 256;
-  // The conversion's packs a thread where that still leaves kMinBlocks blocks (about eight
-  // 256-thread blocks per SM of a 132-SM H100/H200), else one; at most kMaxBlocks blocks, looping.
-  constexpr int64_t kMinBlocks = 1024, kMaxBlocks = int64_t{1} << 30;
-  constexpr int kWide = Convert::kPacksPerThread;
+  // Several packs a thread from kWideFrom packs, where that still leaves at least 1024 blocks (about
+  // eight 256-thread blocks per SM of a 132-SM H100/H200): the conversion's count (four for fp8),
+  // and two for the copy when rows are shorter than 32 packs (the K side's 24, each half of a
+  // 512-byte kv row: more loads in flight measured +2 points there, docs/perf-notes.md, v7).
+  // One pack a thread otherwise; at most kMaxBlocks blocks, looping.
+  constexpr int64_t kWideFrom = int64_t{1} << 20, kMaxBlocks = int64_t{1} << 30;
+  constexpr int kWide = std::max(Convert::kPacksPerThread, 2);
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
   const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N, total = tokens * heads * packs;
   const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
@@ -224,8 +227,8 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   // most the offset, and unsigned arithmetic gives it exactly.
   const int64_t last = std::max({last_offset(ql_nope), last_offset(q_pe), last_offset(q_out)});
   if (total >= (int64_t{1} << 30) || last >= (int64_t{1} << 32)) {
-    run(std::integral_constant<int, kWide>{}, int64_t{});
-  } else if (total >= kWide * kThreads * kMinBlocks) {
+    run(std::integral_constant<int, Convert::kPacksPerThread>{}, int64_t{});
+  } else if (total >= kWideFrom && (Convert::kPacksPerThread > 1 || packs < 32)) {
     run(std::integral_constant<int, kWide>{}, uint32_t{});
   } else {
     run(std::integral_constant<int, 1>{}, uint32_t{});
