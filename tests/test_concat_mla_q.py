@@ -4,6 +4,7 @@ bit for bit as torch.cat gives it, for any strides, and nothing written outside 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import vllm_mla_ops
 from mla_helpers import ENTRY_POINTS, HALF_DTYPES, LAYOUTS, MODEL_GEOMETRIES, check_writes_reference
@@ -15,6 +16,7 @@ from vllm_mla_ops.testing import (
     inside_bigger,
     random_bits,
     reference,
+    shifted,
     split_of_wider,
 )
 
@@ -51,6 +53,21 @@ def test_engine_layouts_match_cat(device, dtype, tokens, case, heads):
         assert ql_nope.stride() == (512, tokens * 512, 1) and q_pe.stride() == (heads * 192, 192, 1)
     else:
         assert ql_nope.stride() == (heads * 256, 256, 1) and q_pe.stride() == (576, 576, 1)
+    check_writes_reference(ql_nope, q_pe, q_out)
+
+
+@pytest.mark.parametrize("case, nope_dim, rope_dim, out_layout", [
+    pytest.param("decode", 512, 64, contiguous, id="decode"),
+    pytest.param("contiguous", 510, 66, shifted(1), id="rows-off-16-bytes"),
+])
+def test_outputs_over_32_mib_match_cat(device, case, nope_dim, rope_dim, out_layout):
+    """q_out of 35 MB, past the size from which the CPU kernel writes with 16-byte streaming stores:
+    rows on 16-byte boundaries, and rows that start 2 bytes past one and end off one (the bytes
+    around the aligned stores). One dtype: the copy moves bytes."""
+    tokens, heads, dtype = 240, 128, torch.bfloat16
+    ql_nope, q_pe, _ = engine_inputs(case, tokens, heads, dtype, device, nope_dim=nope_dim, rope_dim=rope_dim)
+    q_out = out_layout((tokens, heads, nope_dim + rope_dim), dtype, device)
+    assert q_out.numel() * q_out.element_size() > 2**25
     check_writes_reference(ql_nope, q_pe, q_out)
 
 
