@@ -1,8 +1,8 @@
 // CPU kernels: one task per block of (token, head) rows; each row is two row operations, a copy
 // (32-byte moves where the last dims are unit-stride, streaming stores on large outputs) or, for
-// the fp8 op, a quantization. A task's
-// row loop is compiled for AVX-512, AVX2 and the baseline ISA (the loader picks one clone per
-// process), so the wheel stays portable and the row operations inline into the wide clone.
+// the fp8 op, a quantization. A task's row loop is compiled for AVX-512, AVX2 and the baseline ISA
+// (the loader picks one clone per process), so the wheel stays portable and the row operations
+// inline into the wide clone.
 #include <torch/csrc/stable/ops.h>
 
 #include <emmintrin.h>
