@@ -1,6 +1,6 @@
-// CUDA kernels of concat_mla_q and concat_mla_q_fp8: one kernel template over a flat index of the
-// output's packs (vectors of N elements); the two ops differ only in the conversion applied to a
-// pack between its load and its store.
+// CUDA kernels of concat_mla_q and concat_mla_q_fp8: two work splits of the output's packs (vectors
+// of N elements), blocks of whole rows for most calls and one flat index for the rest; the two ops
+// differ only in the conversion applied to a pack between its load and its store.
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -36,8 +36,9 @@ struct ScaleArgs {
   const float* scale;
 };
 
-// concat_mla_q: a pack is stored as it was loaded. One pack a thread (measured faster than 2 or 4
-// on rows of 72 packs, docs/perf-notes.md, v6), two on large outputs of short rows (see launch()).
+// concat_mla_q: a pack is stored as it was loaded. In the flat split, one pack a thread (measured
+// faster than 2 or 4 on rows of 72 packs, docs/perf-notes.md, v6), two on large outputs of short rows
+// (see launch()).
 template <typename scalar_t>
 struct Copy {
   using out_t = scalar_t;
@@ -96,25 +97,36 @@ struct FastDivmod {
 };
 
 // The launch's geometry in Index arithmetic (uint32_t whenever every offset fits, see launch());
-// strides in elements. As few bytes as the kernel needs: at 4-64 tokens every byte of kernel
+// strides in elements. As few bytes as the kernels need: at 4-64 tokens every byte of kernel
 // parameters the threads read costs launch latency (docs/perf-notes.md, v6), so the last-dim strides,
 // read only when N == 1 (else they are 1, host-checked), come last.
 template <typename Index>
 struct Geometry {
   Index total;                 // packs in the output: tokens * heads * packs
   Index packs, heads;          // packs per (token, head) row, nope and rope; rows per token
-  FastDivmod by_packs, by_heads;  // the two divisions, 32-bit index only
+  FastDivmod by_packs, by_heads;  // the flat split's two divisions, 32-bit index only
   Index nope_packs;
   Index nope_s0, nope_s1, pe_s0, pe_s1, out_s0, out_s1;  // pe_s1 == 0 for a 1-head q_pe
   Index nope_s2, pe_s2, out_s2;
 };
 
-// Flat pack i of the output, i = (t * heads + h) * packs + p: where it is read and written.
+// Pack p of row (t, h) of the output: where it is read and written.
 template <typename scalar_t, typename out_t, int N, typename Index>
 struct PackAt {
   const scalar_t* src;
   out_t* dst;
-  __device__ PackAt(const scalar_t* nope, const scalar_t* pe, out_t* out, const Geometry<Index>& g, Index i) {
+  __device__ PackAt(const scalar_t* nope, const scalar_t* pe, out_t* out, const Geometry<Index>& g, Index t, Index h,
+                    Index p) {
+    // One address selected per pack: no divergent branch between the two inputs.
+    const bool in_nope = p < g.nope_packs;
+    const Index q = in_nope ? p : p - g.nope_packs;
+    src = (in_nope ? nope : pe) + (t * (in_nope ? g.nope_s0 : g.pe_s0) + h * (in_nope ? g.nope_s1 : g.pe_s1) +
+                                   q * (N > 1 ? N : (in_nope ? g.nope_s2 : g.pe_s2)));
+    dst = out + (t * g.out_s0 + h * g.out_s1 + p * (N > 1 ? N : g.out_s2));
+  }
+  // Flat pack i of the output, i = (t * heads + h) * packs + p.
+  __device__ static PackAt flat(const scalar_t* nope, const scalar_t* pe, out_t* out, const Geometry<Index>& g,
+                                Index i) {
     Index row, t;
     if constexpr (sizeof(Index) == 4) {
       row = g.by_packs.div(i);
@@ -123,21 +135,42 @@ struct PackAt {
       row = i / g.packs;
       t = row / g.heads;
     }
-    const Index p = i - row * g.packs, h = row - t * g.heads;
-    // One address selected per pack: no divergent branch between the two inputs.
-    const bool in_nope = p < g.nope_packs;
-    const Index q = in_nope ? p : p - g.nope_packs;
-    src = (in_nope ? nope : pe) + (t * (in_nope ? g.nope_s0 : g.pe_s0) + h * (in_nope ? g.nope_s1 : g.pe_s1) +
-                                   q * (N > 1 ? N : (in_nope ? g.nope_s2 : g.pe_s2)));
-    dst = out + (t * g.out_s0 + h * g.out_s1 + p * (N > 1 ? N : g.out_s2));
+    return {nope, pe, out, g, t, row - t * g.heads, i - row * g.packs};
   }
 };
 
-// One flat index over the output's packs, whatever the widths (a K-side row of 24 packs keeps
-// every lane busy as a Q-side row of 72 does). Consecutive threads take consecutive packs, so the
-// stores of a warp are contiguous in a contiguous q_out and the loads contiguous within each row.
-// Each thread issues all of its kPacksPerThread loads before its first store, so they are in flight
-// together; the grid loops when it cannot cover the output in one pass.
+// Blocks of whole rows: blockIdx.y is the token, threadIdx.x the pack in the row, and the rows of a
+// block are the heads kRows * blockDim.y * blockIdx.x + threadIdx.y + j * blockDim.y, j < kRows, so no
+// thread divides. A thread's kRows packs share their index arithmetic up to the head stride. A row
+// past the last head is the last head again, the same bytes copied to the same place, so that no
+// thread branches: a guarded load let nvcc sink it below the previous store (two round trips in
+// sequence), or read the data before the fp8 scale (docs/perf-notes.md, v8).
+template <typename scalar_t, int N, int kRows, typename Convert>
+__global__ void concat_mla_q_rows_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
+                                         typename Convert::out_t* __restrict__ out, const Geometry<uint32_t> g,
+                                         const typename Convert::Args args) {
+  using At = PackAt<scalar_t, typename Convert::out_t, N, uint32_t>;
+  const uint32_t first = blockIdx.x * blockDim.y * kRows + threadIdx.y;
+  Pack<scalar_t, N> buf[kRows];
+  typename Convert::out_t* dst[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    const At at(nope, pe, out, g, blockIdx.y, min(first + j * blockDim.y, g.heads - 1), threadIdx.x);
+    buf[j] = __ldg(reinterpret_cast<const Pack<scalar_t, N>*>(at.src));
+    dst[j] = at.dst;
+  }
+  const Convert convert(args);
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    __stwb(reinterpret_cast<Pack<typename Convert::out_t, N>*>(dst[j]), convert(buf[j]));
+  }
+}
+
+// One flat index over the output's packs, for the calls the row blocks do not take (see launch()).
+// Consecutive threads take consecutive packs, so the stores of a warp are contiguous in a contiguous
+// q_out and the loads contiguous within each row. Each thread issues all of its kPacksPerThread loads
+// before its first store, so they are in flight together; the grid loops when it cannot cover the
+// output in one pass.
 template <typename scalar_t, int N, typename Index, int kPacksPerThread, typename Convert>
 __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
                                     typename Convert::out_t* __restrict__ out, const Geometry<Index> g,
@@ -154,7 +187,7 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
     for (int j = 0; j < kPacksPerThread; ++j) {
       const Index i = first + static_cast<Index>(j) * blockDim.x;
       if (i < g.total) {
-        const At at(nope, pe, out, g, i);
+        const At at = At::flat(nope, pe, out, g, i);
         buf[j] = __ldg(reinterpret_cast<const In*>(at.src));
         dst[j] = at.dst;
       }
@@ -194,32 +227,50 @@ int64_t last_offset(const Tensor& t) {
 template <typename scalar_t, typename Convert, int N>
 void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
             cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  // Several packs a thread from kWideFrom packs, where that still leaves at least 1024 blocks (about
-  // eight 256-thread blocks per SM of a 132-SM H100/H200): the conversion's count (four for fp8),
-  // and two for the copy when rows are shorter than 32 packs (the K side's 24, each half of a
-  // 512-byte kv row: more loads in flight measured +2 points there, docs/perf-notes.md, v7).
-  // One pack a thread otherwise; at most kMaxBlocks blocks, looping.
-  constexpr int64_t kWideFrom = int64_t{1} << 20, kMaxBlocks = int64_t{1} << 30;
-  constexpr int kWide = std::max(Convert::kPacksPerThread, 2);
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
   const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N, total = tokens * heads * packs;
   const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
   const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
   auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
-  const auto run = [&](auto packs_per_thread, auto index) {
-    constexpr int kPacks = decltype(packs_per_thread)::value;
+  const auto geometry = [&](auto index) {
     using Index = decltype(index);
-    const int64_t blocks = std::min(kMaxBlocks, (total + kThreads * kPacks - 1) / (kThreads * kPacks));
     // A 64-bit launch never uses the divisors; they only need to be valid numbers.
     const auto divisor = [](int64_t d) { return FastDivmod(static_cast<uint32_t>(std::min<int64_t>(d, UINT32_MAX))); };
     const auto I = [](int64_t v) { return static_cast<Index>(v); };
-    const Geometry<Index> g{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(ql_nope.size(2) / N),
-                            I(ql_nope.stride(0)), I(ql_nope.stride(1)), I(q_pe.stride(0)),
-                            I(q_pe.size(1) == 1 ? 0 : q_pe.stride(1)), I(q_out.stride(0)), I(q_out.stride(1)),
-                            I(ql_nope.stride(2)), I(q_pe.stride(2)), I(q_out.stride(2))};
+    return Geometry<Index>{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(ql_nope.size(2) / N),
+                           I(ql_nope.stride(0)), I(ql_nope.stride(1)), I(q_pe.stride(0)),
+                           I(q_pe.size(1) == 1 ? 0 : q_pe.stride(1)), I(q_out.stride(0)), I(q_out.stride(1)),
+                           I(ql_nope.stride(2)), I(q_pe.stride(2)), I(q_out.stride(2))};
+  };
+  // Flat split: 256-thread blocks; several packs a thread from kWideFrom packs, where that still
+  // leaves at least 1024 blocks (about eight 256-thread blocks per SM of a 132-SM H100/H200): the
+  // conversion's count (four for fp8), and two for the copy when rows are shorter than 32 packs (the
+  // K side's 24, each half of a 512-byte kv row: more loads in flight measured +2 points there,
+  // docs/perf-notes.md, v7). At most kMaxBlocks blocks, looping.
+  constexpr int kThreads = 256;
+  constexpr int64_t kWideFrom = int64_t{1} << 20, kMaxBlocks = int64_t{1} << 30;
+  constexpr int kWide = std::max(Convert::kPacksPerThread, 2);
+  const auto flat = [&](auto packs_per_thread, auto index) {
+    constexpr int kPacks = decltype(packs_per_thread)::value;
+    using Index = decltype(index);
+    const int64_t blocks = std::min(kMaxBlocks, (total + kThreads * kPacks - 1) / (kThreads * kPacks));
     concat_mla_q_kernel<scalar_t, N, Index, kPacks, Convert>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(nope, pe, out, g, args);
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(nope, pe, out, geometry(Index{}), args);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  // Row blocks: `lines` rows of threads, about kRowThreads threads (two rows of 72 packs, six of 24)
+  // but no more rows than heads; each thread kRows rows: one under 2^16 packs (7 tokens of 128
+  // heads), where more blocks spread the latency over more SMs; four under 2^21, where the index
+  // arithmetic was the bound and four packs share it; two above (docs/perf-notes.md, v8). Fewer
+  // rows a thread where a token has fewer heads than a block's rows, which would copy rows twice.
+  constexpr int64_t kRowThreads = 128;
+  const int64_t lines = std::min({(kRowThreads + packs - 1) / packs, 1024 / packs, heads});
+  const auto rows = [&](auto rows_per_thread) {
+    constexpr int kRows = decltype(rows_per_thread)::value;
+    const dim3 grid(static_cast<unsigned>((heads + lines * kRows - 1) / (lines * kRows)), static_cast<unsigned>(tokens));
+    concat_mla_q_rows_kernel<scalar_t, N, kRows, Convert>
+        <<<grid, dim3(static_cast<unsigned>(packs), static_cast<unsigned>(lines)), 0, stream>>>(
+            nope, pe, out, geometry(uint32_t{}), args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // 32-bit arithmetic when the flat index (first + step < twice the total) stays below 2^31 and
@@ -227,11 +278,17 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   // most the offset, and unsigned arithmetic gives it exactly.
   const int64_t last = std::max({last_offset(ql_nope), last_offset(q_pe), last_offset(q_out)});
   if (total >= (int64_t{1} << 30) || last >= (int64_t{1} << 32)) {
-    run(std::integral_constant<int, Convert::kPacksPerThread>{}, int64_t{});
+    flat(std::integral_constant<int, Convert::kPacksPerThread>{}, int64_t{});
   } else if (total >= kWideFrom && (Convert::kPacksPerThread > 1 || packs < 32)) {
-    run(std::integral_constant<int, kWide>{}, uint32_t{});
+    flat(std::integral_constant<int, kWide>{}, uint32_t{});
+  } else if (packs > 1024 || tokens > 65535) {  // a row wider than a block, or more tokens than grid.y
+    flat(std::integral_constant<int, 1>{}, uint32_t{});
+  } else if (total < (int64_t{1} << 16) || heads < 2 * lines) {
+    rows(std::integral_constant<int, 1>{});
+  } else if (total < (int64_t{1} << 21) && heads >= 4 * lines) {
+    rows(std::integral_constant<int, 4>{});
   } else {
-    run(std::integral_constant<int, 1>{}, uint32_t{});
+    rows(std::integral_constant<int, 2>{});
   }
 }
 

@@ -94,12 +94,15 @@ MODEL_GEOMETRIES = [
 WIDTHS = [pytest.param(n, r, id=f"{n}+{r}")
           for n, r in [(512, 64), (12, 4), (510, 66), (8, 8), (7, 3), (1, 1), (0, 5), (6, 0), (1100, 64)]]
 
-# The CUDA launch paths: one pack a thread, and from 2^20 packs in q_out four a thread for the fp8
-# kernel and two for the copy of rows under 32 packs (offsets past 2^32 elements, the 64-bit path,
-# are the `large` tests'). (tokens, heads) in the engines' layouts: 113 x 128 rows of 72 packs are
-# 1,041,408 packs, 114 x 128 are 1,050,624 (the boundary); K-side rows of 24 packs cross it between
-# 341 x 128 (1,047,552) and 342 x 128 (1,050,624).
-ROW_COUNTS = [(1, 16), (4, 128), (113, 128), (114, 128), (341, 128), (342, 128)]
+# The CUDA launch paths and the boundaries between them, (tokens, heads) in the engines' layouts (rows
+# of 72 packs on the Q side, 24 on the K side; offsets past 2^32 elements, the 64-bit path, are the
+# `large` tests'). Row blocks with one row a thread under 2^16 packs (Q side 7 x 128 rows are 64,512
+# packs, 8 x 128 are 73,728; K side 21 / 22 x 128), four under 2^21 (Q side 227 / 228 x 128), two
+# above. From 2^20 packs the flat split with four packs a thread for fp8 (Q side 113 / 114 x 128)
+# and two for rows under 32 packs (K side 341 / 342 x 128), and with one pack a thread past 65,535
+# tokens (65,536 x 1).
+ROW_COUNTS = [(1, 16), (4, 128), (7, 128), (8, 128), (21, 128), (22, 128), (113, 128), (114, 128), (227, 128),
+              (228, 128), (341, 128), (342, 128), (65535, 1), (65536, 1)]
 # For any widths, q_out's element count: under 2^20 elements is under 2^20 packs whatever the pack
 # width; 2^23 elements are at least 2^20 packs even of 8 elements.
 LAUNCH_PATHS = [pytest.param(2**18, id="small-output"), pytest.param(2**23, id="large-output")]
