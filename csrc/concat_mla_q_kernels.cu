@@ -260,9 +260,10 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   };
   // Row blocks: `lines` rows of threads, about kRowThreads threads (two rows of 72 packs, six of 24)
   // but no more rows than heads; each thread kRows rows: one under 2^16 packs (7 tokens of 128
-  // heads), where more blocks spread the latency over more SMs; four under 2^21, where the index
-  // arithmetic was the bound and four packs share it; two above (docs/perf-notes.md, v8). Fewer
-  // rows a thread where a token has fewer heads than a block's rows, which would copy rows twice.
+  // heads), where more blocks spread the latency over more SMs; four under 2^20, where the index
+  // arithmetic was the bound and four packs share it; eight under 2^21 (16 heads at 911-1820
+  // tokens, 128 heads at 114-227); two above (docs/perf-notes.md, v8). Fewer rows a thread where a
+  // token has fewer heads than a block's rows, which would copy rows twice.
   constexpr int64_t kRowThreads = 128;
   const int64_t lines = std::min({(kRowThreads + packs - 1) / packs, 1024 / packs, heads});
   const auto rows = [&](auto rows_per_thread) {
@@ -285,6 +286,8 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
     flat(std::integral_constant<int, 1>{}, uint32_t{});
   } else if (total < (int64_t{1} << 16) || heads < 2 * lines) {
     rows(std::integral_constant<int, 1>{});
+  } else if (total >= (int64_t{1} << 20) && total < (int64_t{1} << 21) && heads >= 8 * lines) {
+    rows(std::integral_constant<int, 8>{});
   } else if (total < (int64_t{1} << 21) && heads >= 4 * lines) {
     rows(std::integral_constant<int, 4>{});
   } else {

@@ -97,10 +97,10 @@ WIDTHS = [pytest.param(n, r, id=f"{n}+{r}")
 # The CUDA launch paths and the boundaries between them, (tokens, heads) in the engines' layouts (rows
 # of 72 packs on the Q side, 24 on the K side; offsets past 2^32 elements, the 64-bit path, are the
 # `large` tests'). Row blocks with one row a thread under 2^16 packs (Q side 7 x 128 rows are 64,512
-# packs, 8 x 128 are 73,728; K side 21 / 22 x 128), four under 2^21 (Q side 227 / 228 x 128), two
-# above. From 2^20 packs the flat split with four packs a thread for fp8 (Q side 113 / 114 x 128)
-# and two for rows under 32 packs (K side 341 / 342 x 128), and with one pack a thread past 65,535
-# tokens (65,536 x 1).
+# packs, 8 x 128 are 73,728; K side 21 / 22 x 128), four under 2^20 (Q side 113 / 114 x 128), eight
+# under 2^21 (Q side 227 / 228 x 128), two above. From 2^20 packs the flat split with four packs a
+# thread for fp8 (Q side 113 / 114 x 128) and two for rows under 32 packs (K side 341 / 342 x 128),
+# and with one pack a thread past 65,535 tokens (65,536 x 1).
 ROW_COUNTS = [(1, 16), (4, 128), (7, 128), (8, 128), (21, 128), (22, 128), (113, 128), (114, 128), (227, 128),
               (228, 128), (341, 128), (342, 128), (65535, 1), (65536, 1)]
 # For any widths, q_out's element count: under 2^20 elements is under 2^20 packs whatever the pack
