@@ -100,9 +100,10 @@ WIDTHS = [pytest.param(n, r, id=f"{n}+{r}")
 # packs, 8 x 128 are 73,728; K side 21 / 22 x 128), four under 2^20 (Q side 113 / 114 x 128), eight
 # under 2^21 (Q side 227 / 228 x 128), two above. From 2^20 packs the flat split with four packs a
 # thread for fp8 (Q side 113 / 114 x 128) and two for rows under 32 packs (K side 341 / 342 x 128),
-# and with one pack a thread past 65,535 tokens (65,536 x 1).
+# and with one pack a thread past 65,535 tokens (65,536 x 1). 20 heads leave the last block of each
+# token short of heads (Q side 64 x 20 four rows a thread, 24 rows a block; 800 x 20 eight, 32).
 ROW_COUNTS = [(1, 16), (4, 128), (7, 128), (8, 128), (21, 128), (22, 128), (113, 128), (114, 128), (227, 128),
-              (228, 128), (341, 128), (342, 128), (65535, 1), (65536, 1)]
+              (228, 128), (341, 128), (342, 128), (65535, 1), (65536, 1), (64, 20), (800, 20)]
 # For any widths, q_out's element count: under 2^20 elements is under 2^20 packs whatever the pack
 # width; 2^23 elements are at least 2^20 packs even of 8 elements.
 LAUNCH_PATHS = [pytest.param(2**18, id="small-output"), pytest.param(2**23, id="large-output")]
