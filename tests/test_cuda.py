@@ -53,7 +53,7 @@ def test_misaligned_and_odd_widths_match_cat(nope_layout, pe_layout, out_layout,
 @pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
 @pytest.mark.parametrize("case", ["decode", "k_side"])
 def test_row_counts_match_cat(case, tokens, heads, dtype):
-    """Both launch paths and the boundary between them, in the engines' layouts."""
+    """Every launch path and the boundaries between them (ROW_COUNTS), in the engines' layouts."""
     check_writes_reference(*engine_inputs(case, tokens, heads, dtype, "cuda"))
 
 

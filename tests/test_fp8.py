@@ -463,6 +463,6 @@ def test_misaligned_and_odd_widths(nope_layout, pe_layout, out_layout, nope_dim,
 @pytest.mark.parametrize("tokens, heads", ROW_COUNTS)
 @pytest.mark.parametrize("case", ["decode", "k_side"])
 def test_row_counts_match_reference(case, tokens, heads, dtype):
-    """Both launch paths and the boundary between them, in the engines' layouts."""
+    """Every launch path and the boundaries between them (ROW_COUNTS), in the engines' layouts."""
     ql_nope, q_pe, q_out = engine_inputs(case, tokens, heads, dtype, "cuda", out_dtype=FP8)
     check_writes_reference(ql_nope, q_pe, q_out, scalar(0.0037, "cuda"))
