@@ -258,15 +258,25 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(nope, pe, out, geometry(Index{}), args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // Row blocks: `lines` rows of threads, about kRowThreads threads (two rows of 72 packs, six of 24)
-  // but no more rows than heads; each thread kRows rows: one under 2^16 packs (7 tokens of 128
-  // heads), where more blocks spread the latency over more SMs; four under 2^20, where the index
-  // arithmetic was the bound and four packs share it; eight under 2^21 (16 heads at 911-1820
-  // tokens, 128 heads at 114-227); two above (docs/perf-notes.md, v8). Fewer rows a thread where a
-  // token has fewer heads than a block's rows, which would copy rows twice.
-  constexpr int64_t kRowThreads = 128;
-  const int64_t lines = std::min({(kRowThreads + packs - 1) / packs, 1024 / packs, heads});
-  const auto rows = [&](auto rows_per_thread) {
+  // Row blocks: `lines` rows of `packs` threads, each thread k rows (docs/perf-notes.md, v8). k by
+  // size: one under kOneRowBelow packs (7 tokens of 128 heads), where more blocks spread the latency
+  // over more SMs; four under kWideFrom, where the index arithmetic was the bound and four packs
+  // share it; eight under kTwoRowsFrom (16 heads at 911-1820 tokens, 128 heads at 114-227); two
+  // above. lines: the fewest from min_lines (about kRowThreads threads: two rows of 72 packs, six of
+  // 24) to twice that whose block of lines * k rows divides heads, so that no row is copied twice
+  // (the K side's 128 heads: eight lines, not six; MiniCPM3's 40 heads of 36 packs: five lines, not
+  // four); failing which half as many rows a thread, and with one row a thread min_lines, the last
+  // block of each token copying its last head again.
+  constexpr int64_t kRowThreads = 128, kOneRowBelow = int64_t{1} << 16, kTwoRowsFrom = int64_t{1} << 21;
+  const int64_t min_lines = std::min({(kRowThreads + packs - 1) / packs, 1024 / packs, heads});
+  const int64_t max_lines = std::min(2 * min_lines, 1024 / packs);
+  const auto dividing_lines = [&](int64_t k) {
+    for (int64_t l = min_lines; l <= max_lines && l * k <= heads; ++l) {
+      if (heads % (l * k) == 0) return l;
+    }
+    return int64_t{0};
+  };
+  const auto rows = [&](auto rows_per_thread, int64_t lines) {
     constexpr int kRows = decltype(rows_per_thread)::value;
     const dim3 grid(static_cast<unsigned>((heads + lines * kRows - 1) / (lines * kRows)), static_cast<unsigned>(tokens));
     concat_mla_q_rows_kernel<scalar_t, N, kRows, Convert>
@@ -284,14 +294,20 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
     flat(std::integral_constant<int, kWide>{}, uint32_t{});
   } else if (packs > 1024 || tokens > 65535) {  // a row wider than a block, or more tokens than grid.y
     flat(std::integral_constant<int, 1>{}, uint32_t{});
-  } else if (total < (int64_t{1} << 16) || heads < 2 * lines) {
-    rows(std::integral_constant<int, 1>{});
-  } else if (total >= (int64_t{1} << 20) && total < (int64_t{1} << 21) && heads >= 8 * lines) {
-    rows(std::integral_constant<int, 8>{});
-  } else if (total < (int64_t{1} << 21) && heads >= 4 * lines) {
-    rows(std::integral_constant<int, 4>{});
   } else {
-    rows(std::integral_constant<int, 2>{});
+    int k = total < kOneRowBelow ? 1 : total < kWideFrom ? 4 : total < kTwoRowsFrom ? 8 : 2;
+    int64_t lines = dividing_lines(k);
+    while (lines == 0 && k > 1) lines = dividing_lines(k /= 2);
+    lines = std::max(lines, min_lines);
+    if (k == 8) {
+      rows(std::integral_constant<int, 8>{}, lines);
+    } else if (k == 4) {
+      rows(std::integral_constant<int, 4>{}, lines);
+    } else if (k == 2) {
+      rows(std::integral_constant<int, 2>{}, lines);
+    } else {
+      rows(std::integral_constant<int, 1>{}, lines);
+    }
   }
 }
 

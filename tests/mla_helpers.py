@@ -100,10 +100,15 @@ WIDTHS = [pytest.param(n, r, id=f"{n}+{r}")
 # packs, 8 x 128 are 73,728; K side 21 / 22 x 128), four under 2^20 (Q side 113 / 114 x 128), eight
 # under 2^21 (Q side 227 / 228 x 128), two above. From 2^20 packs the flat split with four packs a
 # thread for fp8 (Q side 113 / 114 x 128) and two for rows under 32 packs (K side 341 / 342 x 128),
-# and with one pack a thread past 65,535 tokens (65,536 x 1). 20 heads leave the last block of each
-# token short of heads (Q side 64 x 20 four rows a thread, 24 rows a block; 800 x 20 eight, 32).
+# and with one pack a thread past 65,535 tokens (65,536 x 1). Blocks of lines * k rows that divide
+# the heads (K side 128 heads: eight lines; Q side 64 x 60: three lines at four rows a thread,
+# 200 x 120: three at eight; K side 20 heads: ten lines), fewer rows a thread where none do (Q side
+# 64 x 20: two, not four; 800 x 20: two, not eight), and one row a thread with the last block of each
+# token short of heads, its last head copied twice (13 heads: Q side 14 rows, K side 18; 64 x 13 at
+# one row a thread by size, 800 x 13 at four by size).
 ROW_COUNTS = [(1, 16), (4, 128), (7, 128), (8, 128), (21, 128), (22, 128), (113, 128), (114, 128), (227, 128),
-              (228, 128), (341, 128), (342, 128), (65535, 1), (65536, 1), (64, 20), (800, 20)]
+              (228, 128), (341, 128), (342, 128), (65535, 1), (65536, 1), (64, 60), (200, 120), (64, 20), (800, 20),
+              (64, 13), (800, 13)]
 # For any widths, q_out's element count: under 2^20 elements is under 2^20 packs whatever the pack
 # width; 2^23 elements are at least 2^20 packs even of 8 elements.
 LAUNCH_PATHS = [pytest.param(2**18, id="small-output"), pytest.param(2**23, id="large-output")]
