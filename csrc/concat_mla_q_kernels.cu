@@ -264,9 +264,9 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   // share it; eight under kTwoRowsFrom (16 heads at 911-1820 tokens, 128 heads at 114-227); two
   // above. lines: the fewest from min_lines (about kRowThreads threads: two rows of 72 packs, six of
   // 24) to twice that whose block of lines * k rows divides heads, so that no row is copied twice
-  // (the K side's 128 heads: eight lines, not six; MiniCPM3's 40 heads of 36 packs: five lines, not
-  // four); failing which half as many rows a thread, and with one row a thread min_lines, the last
-  // block of each token copying its last head again.
+  // (the K side's 128 heads: eight lines, not six; MiniCPM3's 40 heads of 36 packs at four or eight
+  // rows a thread: five lines, not four); failing which half as many rows a thread, and with one row
+  // a thread min_lines, the last block of each token copying its last head again.
   constexpr int64_t kRowThreads = 128, kOneRowBelow = int64_t{1} << 16, kTwoRowsFrom = int64_t{1} << 21;
   const int64_t min_lines = std::min({(kRowThreads + packs - 1) / packs, 1024 / packs, heads});
   const int64_t max_lines = std::min(2 * min_lines, 1024 / packs);
