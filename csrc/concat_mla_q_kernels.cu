@@ -86,10 +86,12 @@ struct QuantizeE4M3 {
 };
 
 // Division by a divisor fixed for the whole launch, as a multiply and a shift (Granlund and
-// Montgomery): exact for numerators below 2^31, which the 32-bit index path guarantees.
+// Montgomery): exact for numerators below 2^31, which the 32-bit index path guarantees. Default:
+// division by one, left in the geometry of the launches that never divide.
 struct FastDivmod {
-  uint32_t multiplier, shift;
-  explicit FastDivmod(uint32_t d) : shift(0) {
+  uint32_t multiplier = 0, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t d) {
     while ((uint64_t{1} << shift) < d) ++shift;
     multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
   }
@@ -232,10 +234,10 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
   const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
   auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
-  const auto geometry = [&](auto index) {
+  // The divisors are built only for the flat split's 32-bit index, the one launch that reads them.
+  const auto geometry = [&](auto index, bool divides) {
     using Index = decltype(index);
-    // A 64-bit launch never uses the divisors; they only need to be valid numbers.
-    const auto divisor = [](int64_t d) { return FastDivmod(static_cast<uint32_t>(std::min<int64_t>(d, UINT32_MAX))); };
+    const auto divisor = [&](int64_t d) { return divides ? FastDivmod(static_cast<uint32_t>(d)) : FastDivmod(); };
     const auto I = [](int64_t v) { return static_cast<Index>(v); };
     return Geometry<Index>{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(ql_nope.size(2) / N),
                            I(ql_nope.stride(0)), I(ql_nope.stride(1)), I(q_pe.stride(0)),
@@ -254,8 +256,8 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
     constexpr int kPacks = decltype(packs_per_thread)::value;
     using Index = decltype(index);
     const int64_t blocks = std::min(kMaxBlocks, (total + kThreads * kPacks - 1) / (kThreads * kPacks));
-    concat_mla_q_kernel<scalar_t, N, Index, kPacks, Convert>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(nope, pe, out, geometry(Index{}), args);
+    concat_mla_q_kernel<scalar_t, N, Index, kPacks, Convert><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        nope, pe, out, geometry(Index{}, sizeof(Index) == 4), args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // Row blocks: `lines` rows of `packs` threads, each thread k rows (docs/perf-notes.md, v8). k by
@@ -281,7 +283,7 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
     const dim3 grid(static_cast<unsigned>((heads + lines * kRows - 1) / (lines * kRows)), static_cast<unsigned>(tokens));
     concat_mla_q_rows_kernel<scalar_t, N, kRows, Convert>
         <<<grid, dim3(static_cast<unsigned>(packs), static_cast<unsigned>(lines)), 0, stream>>>(
-            nope, pe, out, geometry(uint32_t{}), args);
+            nope, pe, out, geometry(uint32_t{}, false), args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // 32-bit arithmetic when the flat index (first + step < twice the total) stays below 2^31 and

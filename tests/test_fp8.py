@@ -448,8 +448,8 @@ def test_runs_on_the_current_stream_without_syncing():
 @pytest.mark.parametrize("nope_dim, rope_dim", WIDTHS)
 @pytest.mark.parametrize("nope_layout, pe_layout, out_layout", ALIGNMENTS)
 def test_misaligned_and_odd_widths(nope_layout, pe_layout, out_layout, nope_dim, rope_dim, elements, dtype):
-    """Every pack width that alignment and widths select, on both launch paths, for both input
-    dtypes (each converts to e4m3 its own way)."""
+    """Every pack width that alignment and widths select, at a small and a large q_out, for both
+    input dtypes (each converts to e4m3 its own way)."""
     heads = 128
     tokens = tokens_for(elements, heads, nope_dim + rope_dim)
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, "cuda")
