@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "dispatch_utils.h"
 #include "ops.h"
@@ -19,13 +21,34 @@ namespace {
 // Elements per parallel task (ATen's own grain size): small inputs stay on the calling thread.
 constexpr int64_t kGrainElements = 32768;
 
-// The last-level cache the kernels' two size rules assume (the CI machine's 32 MB L3; measurements
-// in docs/perf-notes.md, CPU v5). A call whose reads and writes together outgrow it walks the rows
-// in ql_nope's memory order (see concat_rows); a copy whose output alone outgrows it writes with
-// streaming (non-temporal) stores, which go to memory without first reading each cache line in:
-// measured 1.1-1.6x faster from 192-256 tokens of 128 heads (28-38 MB of q_out), 0.8x at 16-96
-// tokens and at 128 contiguous ones, whose output stays in cache.
-constexpr int64_t kCacheBytes = int64_t{1} << 25;
+// The last-level cache the kernels' two size rules compare against. A call whose reads and writes
+// together outgrow it walks the rows in ql_nope's memory order (see concat_rows); a copy whose
+// output alone outgrows it writes with streaming (non-temporal) stores, which go to memory without
+// first reading each cache line in, and which lose to plain stores while the output stays in cache
+// (docs/design.md).
+//
+// Read once: the size of the L3 that CPU 0 belongs to, as Linux reports it in sysfs (what lscpu
+// shows). Not sysconf(_SC_LEVEL3_CACHE_SIZE): on AMD processors some glibc releases report there
+// the L3 of the whole package, the sum of caches each of which serves one core complex only.
+// Where sysfs lists no L3, kDefaultCacheBytes, the L3 of the machine the size rules were measured on.
+constexpr int64_t kDefaultCacheBytes = int64_t{32} << 20;
+
+int64_t cache_bytes() {
+  static const int64_t bytes = [] {
+    for (int index = 0;; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int level = 0;
+      if (!(level_file >> level)) return kDefaultCacheBytes;  // no more cache levels listed
+      int64_t size = 0;
+      char unit = 0;
+      if (level == 3 && size_file >> size >> unit && size > 0) {
+        return unit == 'K' ? size << 10 : unit == 'M' ? size << 20 : kDefaultCacheBytes;
+      }
+    }
+  }();
+  return bytes;
+}
 
 struct CopyRow {
   bool stream;  // unit-stride rows with 16-byte streaming stores
@@ -148,7 +171,7 @@ void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
   // ql_nope is a transposed [heads, tokens, nope] bmm output.
   const int64_t bytes = (ql_nope.numel() + q_pe.numel()) * int64_t{sizeof(scalar_t)} +
                         q_out.numel() * int64_t{sizeof(out_t)};
-  r.heads_outer = heads > 1 && tokens > 1 && r.nope_s1 > r.nope_s0 && bytes >= kCacheBytes;
+  r.heads_outer = heads > 1 && tokens > 1 && r.nope_s1 > r.nope_s0 && bytes >= cache_bytes();
   r.inner = r.heads_outer ? tokens : heads;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + r.rope_dim));
   torch::stable::parallel_for(0, tokens * heads, grain,
@@ -161,7 +184,7 @@ void concat_mla_q_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
   check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
-    const bool stream = q_out.numel() * int64_t{sizeof(scalar_t)} >= kCacheBytes;
+    const bool stream = q_out.numel() * int64_t{sizeof(scalar_t)} >= cache_bytes();
     concat_rows<scalar_t, scalar_t>(ql_nope, q_pe, q_out, CopyRow{stream});
   });
 }

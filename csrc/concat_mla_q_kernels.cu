@@ -37,7 +37,7 @@ struct ScaleArgs {
 };
 
 // concat_mla_q: a pack is stored as it was loaded. In the flat split, one pack a thread (measured
-// faster than 2 or 4 on rows of 72 packs, docs/perf-notes.md, v6), two on large outputs of short rows
+// faster than two or four on rows of 72 packs: docs/design.md), two on large outputs of short rows
 // (see launch()).
 template <typename scalar_t>
 struct Copy {
@@ -99,8 +99,8 @@ struct FastDivmod {
 };
 
 // The launch's geometry in Index arithmetic (uint32_t whenever every offset fits, see launch());
-// strides in elements. As few bytes as the kernels need: at 4-64 tokens every byte of kernel
-// parameters the threads read costs launch latency (docs/perf-notes.md, v6), so the last-dim strides,
+// strides in elements. As few bytes as the kernels need: on small outputs every byte of kernel
+// parameters the threads read costs launch latency (docs/design.md), so the last-dim strides,
 // read only when N == 1 (else they are 1, host-checked), come last.
 template <typename Index>
 struct Geometry {
@@ -146,7 +146,7 @@ struct PackAt {
 // thread divides. A thread's kRows packs share their index arithmetic up to the head stride. A row
 // past the last head is the last head again, the same bytes copied to the same place, so that no
 // thread branches: a guarded load let nvcc sink it below the previous store (two round trips in
-// sequence), or read the data before the fp8 scale (docs/perf-notes.md, v8).
+// sequence), or read the data before the fp8 scale (docs/design.md).
 template <typename scalar_t, int N, int kRows, typename Convert>
 __global__ void concat_mla_q_rows_kernel(const scalar_t* __restrict__ nope, const scalar_t* __restrict__ pe,
                                          typename Convert::out_t* __restrict__ out, const Geometry<uint32_t> g,
@@ -247,8 +247,8 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   // Flat split: 256-thread blocks; several packs a thread from kWideFrom packs, where that still
   // leaves at least 1024 blocks (about eight 256-thread blocks per SM of a 132-SM H100/H200): the
   // conversion's count (four for fp8), and two for the copy when rows are shorter than 32 packs (the
-  // K side's 24, each half of a 512-byte kv row: more loads in flight measured +2 points there,
-  // docs/perf-notes.md, v7). At most kMaxBlocks blocks, looping.
+  // K side's 24, each half of a 512-byte kv row, where more loads in flight measured faster:
+  // docs/design.md). At most kMaxBlocks blocks, looping.
   constexpr int kThreads = 256;
   constexpr int64_t kWideFrom = int64_t{1} << 20, kMaxBlocks = int64_t{1} << 30;
   constexpr int kWide = std::max(Convert::kPacksPerThread, 2);
@@ -260,7 +260,7 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
         nope, pe, out, geometry(Index{}, sizeof(Index) == 4), args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // Row blocks: `lines` rows of `packs` threads, each thread k rows (docs/perf-notes.md, v8). k by
+  // Row blocks: `lines` rows of `packs` threads, each thread k rows (docs/design.md). k by
   // size: one under kOneRowBelow packs (7 tokens of 128 heads), where more blocks spread the latency
   // over more SMs; four under kWideFrom, where the index arithmetic was the bound and four packs
   // share it; eight under kTwoRowsFrom (16 heads at 911-1820 tokens, 128 heads at 114-227); two

@@ -1,4 +1,4 @@
-// Dispatch macros in vLLM's spelling, built on the stable ABI's header-only THO_DISPATCH_SWITCH /
+// Dispatch macros under vLLM's names, built on the stable ABI's header-only THO_DISPATCH_SWITCH /
 // THO_DISPATCH_CASE. Any dtype outside a macro's list raises "<NAME>" not implemented for '<dtype>'.
 #pragma once
 
