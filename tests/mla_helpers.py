@@ -8,6 +8,8 @@ strided q_out, an input, the scale) fails as surely as a wrong value.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from typing import Callable, Sequence
 
@@ -16,6 +18,7 @@ import torch
 
 import vllm_mla_ops
 from vllm_mla_ops.testing import (
+    ENGINE_CASES,
     assert_bitwise_equal,
     assert_fp8_equal,
     bits,
@@ -26,6 +29,7 @@ from vllm_mla_ops.testing import (
     last_dim_stride_2,
     nope_of_kv,
     one_head,
+    random_bits,
     reference,
     reference_fp8,
     rope_of_latent,
@@ -50,9 +54,9 @@ def call_op(ql_nope, q_pe, q_out, scale=None):
 def call_api(ql_nope, q_pe, q_out, scale=None):
     """The Python API with a given q_out, which it must return."""
     if scale is None:
-        result = vllm_mla_ops.concat_mla_q(ql_nope, q_pe, q_out)
+        result = vllm_mla_ops.concat_mla_q(ql_nope, q_pe, out=q_out)
     else:
-        result = vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, scale, q_out)
+        result = vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, scale, out=q_out)
     assert result is q_out
     return result
 
@@ -212,6 +216,213 @@ def check_rejected(args: Sequence, message: str, call: Callable = call_op,
     with pytest.raises(error, match=re.escape(message)):
         call(*args)
     assert_storages(before, tensors, "a rejected call wrote")
+
+
+# ------------------------------------------------------------------------------------- the ops
+# Every test that is about "an op" takes `op` from OPS, builds the op's valid arguments with
+# valid_args (a dict in schema order, so one argument is replaced by name), calls it through one of
+# CALLS and checks the outcome with assert_writes_reference or assert_refused. A new op joins by
+# adding its Op to OP_LIST.
+
+# The one shape set of the small tests: tokens, heads, nope_dim, rope_dim (and q_out's width).
+T, H, N, R = 6, 4, 12, 4
+W = N + R
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op of the package as the tests drive it.
+
+    * ``name``: the op's name under ``torch.ops._C`` (and the prefix of its error messages).
+    * ``function``: its Python function in vllm_mla_ops; ``out=`` fills the schema argument ``out``.
+    * ``make_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale)``:
+      valid arguments as a dict in schema order (see valid_args).
+    * ``reference(args)``: ``{written argument: what it must hold after the call}``.
+    * ``compare(actual, expected, what)``: the comparison the op's contract calls for.
+    * ``scale``: the name of the argument holding a static fp8 scale, if the op quantizes.
+    """
+
+    id: str
+    name: str
+    function: Callable
+    make_args: Callable[..., dict]
+    reference: Callable[[dict], dict]
+    compare: Callable
+    scale: str | None = None
+    out: str = "q_out"
+
+    @property
+    def raw(self):
+        return getattr(torch.ops._C, self.name).default
+
+    @property
+    def arg_names(self) -> list[str]:
+        return [a.name for a in self.raw._schema.arguments]
+
+    @property
+    def tensor_args(self) -> list[str]:
+        """The schema's tensor arguments (optional ones included)."""
+        return [a.name for a in self.raw._schema.arguments if "Tensor" in str(a.type)]
+
+    @property
+    def written(self) -> list[str]:
+        """The arguments the schema marks as written (``Tensor(a!)``)."""
+        return [a.name for a in self.raw._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+    def __repr__(self) -> str:
+        return self.id
+
+
+def _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, out_dtype) -> dict:
+    nope_layout, pe_layout, out_layout = layouts
+    return {"ql_nope": nope_layout((tokens, heads, nope_dim), dtype, device),
+            "q_pe": pe_layout((tokens, pe_heads, rope_dim), dtype, device),
+            "q_out": out_layout((tokens, heads, nope_dim + rope_dim), out_dtype, device)}
+
+
+def _concat_mla_q_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale):
+    return _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, dtype)
+
+
+def _concat_mla_q_fp8_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale):
+    args = _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, FP8)
+    return {**args, "scale": scalar(scale, device)}
+
+
+CONCAT_MLA_Q = Op(
+    "concat_mla_q", "concat_mla_q", vllm_mla_ops.concat_mla_q, _concat_mla_q_args,
+    lambda a: {"q_out": reference(a["ql_nope"], a["q_pe"])}, assert_bitwise_equal)
+CONCAT_MLA_Q_FP8 = Op(
+    "concat_mla_q_fp8", "concat_mla_q_fp8", vllm_mla_ops.concat_mla_q_fp8, _concat_mla_q_fp8_args,
+    lambda a: {"q_out": reference_fp8(a["ql_nope"], a["q_pe"], a["scale"])}, assert_fp8_equal, scale="scale")
+
+OP_LIST = [CONCAT_MLA_Q, CONCAT_MLA_Q_FP8]
+OPS = [pytest.param(op, id=op.id) for op in OP_LIST]
+FP8_OPS = [pytest.param(op, id=op.id) for op in OP_LIST if op.scale is not None]
+
+
+def valid_args(op: Op, device="cpu", *, case: str | None = None, dtype=torch.bfloat16, tokens: int = T,
+               heads: int = H, nope_dim: int | None = None, rope_dim: int | None = None, pe_heads: int | None = None,
+               layouts: Sequence[Callable] | None = None, scale: float = 0.37) -> dict:
+    """Valid arguments of `op`, a dict in schema order, of fresh random bits (q_out's too, so a
+    missed element shows). `layouts` builds (ql_nope, q_pe, q_out) (default: contiguous);
+    `case` takes the layouts and widths of vllm_mla_ops.testing.engine_inputs ("decode",
+    "contiguous", "k_side") instead; otherwise the widths are N and R. `pe_heads` 1 gives a
+    one-head q_pe; `scale` is the fp8 ops' scale."""
+    if case is not None:
+        nope_layout, pe_layout, default_nope, default_rope = ENGINE_CASES[case]
+        layouts = layouts or (nope_layout, pe_layout, random_bits)
+    else:
+        default_nope, default_rope = N, R
+        layouts = layouts or (random_bits, random_bits, random_bits)
+    return op.make_args(device, dtype=dtype, tokens=tokens, heads=heads,
+                        nope_dim=default_nope if nope_dim is None else nope_dim,
+                        rope_dim=default_rope if rope_dim is None else rope_dim,
+                        pe_heads=heads if pe_heads is None else pe_heads, layouts=layouts, scale=scale)
+
+
+def call_raw(op: Op, args: dict):
+    """The raw op, arguments positional in schema order; returns what it returned (None)."""
+    return op.raw(*args.values())
+
+
+def call_function(op: Op, args: dict) -> torch.Tensor:
+    """The Python function with torch's conventions (``out=`` for the written argument, the others
+    by name); it must return the tensor it was given as ``out``."""
+    result = op.function(**{("out" if name == op.out else name): value for name, value in args.items()})
+    assert result is args[op.out], "the function did not return its out= tensor"
+    return result
+
+
+CALLS = [pytest.param(call_raw, id="op"), pytest.param(call_function, id="api")]
+
+
+def _tensors(args: dict) -> list[torch.Tensor]:
+    return [a for a in args.values() if isinstance(a, torch.Tensor)]
+
+
+def expect_writes(op: Op, args: dict) -> Callable[[], None]:
+    """assert_writes_reference in two halves, for calls made elsewhere (another thread, a loop):
+    captures the expected results and every storage now, and returns the function that checks them."""
+    expected = op.reference(args)
+    tensors = _tensors(args)
+    before = snapshot(*tensors)
+
+    def check() -> None:
+        for name, value in expected.items():
+            op.compare(args[name], value, name)
+        # The written elements are checked above; the snapshot takes them as they are now, so the
+        # storage comparison sees every other byte.
+        for name in expected:
+            out = args[name]
+            (key,) = _storages(out)
+            region = torch.empty(0, dtype=bits(out).dtype, device=out.device)
+            region.set_(before[key].untyped_storage(), out.storage_offset(), out.shape, out.stride())
+            region.copy_(bits(out))
+        assert_storages(before, tensors, "bytes outside the written elements changed")
+
+    return check
+
+
+def assert_writes_reference(op: Op, args: dict, call: Callable = call_raw):
+    """Runs `call(op, args)` and asserts that each written argument holds the op's reference and
+    that no other byte of any storage involved changed; returns what `call` returned."""
+    check = expect_writes(op, args)
+    result = call(op, args)
+    check()
+    return result
+
+
+def assert_refused(op: Op, args: dict, message: str, call: Callable = call_raw,
+                   error: type[BaseException] = RuntimeError) -> None:
+    """Asserts that `call(op, args)` raises `error` containing `message` and leaves every byte of
+    every tensor argument's storage as it was."""
+    tensors = _tensors(args)
+    before = snapshot(*tensors)
+    with pytest.raises(error, match=re.escape(message)):
+        call(op, args)
+    assert_storages(before, tensors, "a refused call wrote")
+
+
+def assert_process_usable(op: Op, device) -> None:
+    """After whatever came before: valid calls of `op` (the decode layout; a one-head q_pe into a
+    padded q_out) are bit-exact, and on CUDA nothing is left behind (no sticky error: synchronize
+    and an unrelated kernel succeed)."""
+    assert_writes_reference(op, valid_args(op, device, case="decode", tokens=4, heads=16))
+    assert_writes_reference(op, valid_args(op, device, dtype=torch.float16, tokens=3, heads=2, nope_dim=8,
+                                           rope_dim=8, pe_heads=1, layouts=(contiguous, one_head, inside_bigger)))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        assert torch.arange(1000, device=device).sum().item() == 499500
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+RSS_GROWTH_LIMIT = 8 << 20
+
+
+def assert_memory_stays_flat(device, calls: int, one_call: Callable[[], None]) -> None:
+    """Runs `one_call` `calls` times: host RSS grows by at most 8 MB between the first tenth and the
+    end (a leak of ~100 bytes a call over 50k calls fails), and on CUDA the caching allocator holds
+    exactly as much as before."""
+    cuda = torch.device(device).type == "cuda"
+    allocated = torch.cuda.memory_allocated() if cuda else 0
+    warmup = calls // 10
+    rss = 0
+    for i in range(calls):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            rss = _rss_bytes()
+        one_call()
+    if cuda:
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == allocated
+    growth = _rss_bytes() - rss
+    assert growth <= RSS_GROWTH_LIMIT, f"RSS grew by {growth / 2**20:.1f} MiB over {calls - warmup} calls"
 
 
 def inductor_call_body(codes: list[str]) -> str:

@@ -47,10 +47,10 @@ def _split_call_args(source: str, start: int) -> list[str]:
 STRING_LITERALS = re.compile(r'\s*(?:"(?:[^"\\]|\\.)*"\s*)+')
 
 
-def _cpp_templates() -> list[tuple[str, list]]:
+def _cpp_templates() -> list[tuple[str, list, str]]:
     """The message of every check in csrc/ (MLA_CHECK and STD_TORCH_CHECK after their condition,
     fail() whole): a list of literal strings (adjacent literals joined) and None for each
-    interpolated expression."""
+    interpolated expression; all raise RuntimeError in Python."""
     found = []
     for path in sorted((ROOT / "csrc").glob("*")):
         if path.suffix not in (".cpp", ".cu", ".h", ".cuh"):
@@ -69,13 +69,14 @@ def _cpp_templates() -> list[tuple[str, list]]:
                     pieces.append("".join(ast.literal_eval(s) for s in re.findall(r'"(?:[^"\\]|\\.)*"', arg)))
                 else:
                     pieces.append(None)
-            found.append((f"{path.name}:{source.count(chr(10), 0, call.start()) + 1}", pieces))
+            found.append((f"{path.name}:{source.count(chr(10), 0, call.start()) + 1}", pieces, "RuntimeError"))
     return found
 
 
-def _py_templates() -> list[tuple[str, list]]:
-    """The message of every torch._check(..., lambda: message) and `raise X(message)` in
-    vllm_mla_ops/; f-string fields naming a module-level string constant are inlined."""
+def _py_templates() -> list[tuple[str, list, str]]:
+    """The message of every torch._check(..., lambda: message) (a RuntimeError) and
+    `raise X(message)` (an X) in vllm_mla_ops/; f-string fields naming a module-level string
+    constant are inlined."""
     found = []
     # The op modules; testing.py's assertion messages are the test helpers', not the package's errors.
     for path in sorted(p for p in PACKAGE_DIR.glob("*.py") if p.name != "testing.py"):
@@ -103,11 +104,11 @@ def _py_templates() -> list[tuple[str, list]]:
             message = None
             if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch._check", "_check")
                     and len(node.args) > 1 and isinstance(node.args[1], ast.Lambda)):
-                message = node.args[1].body
+                message, raised = node.args[1].body, "RuntimeError"
             elif isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
-                message = node.exc.args[0]
+                message, raised = node.exc.args[0], ast.unparse(node.exc.func)
             if message is not None and pieces(message) is not None:
-                found.append((f"{path.name}:{node.lineno}", pieces(message)))
+                found.append((f"{path.name}:{node.lineno}", pieces(message), raised))
     return found
 
 
@@ -132,18 +133,19 @@ def _documented() -> list[dict]:
 def test_error_table_matches_the_sources():
     """Every template in docs/errors.md is a message the code builds ({placeholders} where the code
     interpolates a value), with the right exception class; every message the code builds has a row."""
-    sources = [(where, pieces, _template_regex(pieces)) for where, pieces in _cpp_templates() + _py_templates()]
-    assert len(sources) >= 20, [where for where, _, _ in sources]
+    sources = [(where, pieces, raised, _template_regex(pieces))
+               for where, pieces, raised in _cpp_templates() + _py_templates()]
+    assert len(sources) >= 20, [where for where, *_ in sources]
     rows = _documented()
     unmatched = []
     for row in rows:
-        matches = [where for where, _, regex in sources if regex.fullmatch(row["template"])]
+        matches = [(where, raised) for where, _, raised, regex in sources if regex.fullmatch(row["template"])]
         if not matches:
             unmatched.append(row["template"])
             continue
-        expected = "ImportError" if all(w.startswith("_loader.py") for w in matches) else "RuntimeError"
+        (expected,) = {raised for _, raised in matches}  # one template, one exception class
         assert row["Exception"].startswith(expected), (row["template"], row["Exception"], matches)
     assert not unmatched, "documented messages that no source builds:\n" + "\n".join(unmatched)
     undocumented = [f"{where}: {''.join('{}' if p is None else p for p in pieces)}"
-                    for where, pieces, regex in sources if not any(regex.fullmatch(r["template"]) for r in rows)]
+                    for where, pieces, _, regex in sources if not any(regex.fullmatch(r["template"]) for r in rows)]
     assert not undocumented, "messages missing from docs/errors.md:\n" + "\n".join(undocumented)

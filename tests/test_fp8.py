@@ -349,33 +349,10 @@ def test_scale_on_another_device_raises(where):
     check_rejected((ql_nope, q_pe, q_out, scale), message)
 
 
-@pytest.mark.parametrize("which", ["ql_nope", "q_pe", "scale"])
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-def test_grad_mode_is_refused(device, which, entry):
-    args = dict(zip(("ql_nope", "q_pe", "q_out", "scale"), _valid(device)))
-    if which == "scale":
-        args[which] = scalar(0.5, device).requires_grad_()
-    else:
-        args[which] = torch.randn(args[which].shape, dtype=args[which].dtype, device=device, requires_grad=True)
-    check_rejected(tuple(args.values()), f"concat_mla_q_fp8 is inference-only (no autograd formula): got {which} "
-                   "with requires_grad=True", call=entry)
-    with torch.no_grad():
-        check_writes_reference(*args.values(), call=entry)
-
-
 def test_schema():
     assert str(torch.ops._C.concat_mla_q_fp8.default._schema) == (
         "_C::concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()")
 
-
-def test_op_bumps_q_out_version(device):
-    """The Autograd kernel records the in-place write to q_out (and only to q_out)."""
-    ql_nope, q_pe, q_out = engine_inputs("decode", 5, 16, torch.bfloat16, device, out_dtype=FP8)
-    scale = scalar(0.0037, device)
-    versions = [t._version for t in (ql_nope, q_pe, q_out, scale)]
-    call_op(ql_nope, q_pe, q_out, scale)
-    assert [t._version for t in (ql_nope, q_pe, q_out, scale)] == [versions[0], versions[1], versions[2] + 1,
-                                                                   versions[3]]
 
 # ------------------------------------------------------------------------------ CUDA only
 

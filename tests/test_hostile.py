@@ -1,5 +1,4 @@
-"""Hostile arguments: views that carry torch's negative bit, inference tensors written outside
-inference mode, views whose storage shrank after they were made, widths whose sum overflows int64,
+"""Hostile arguments: views that carry torch's negative bit, views whose storage shrank after they were made, widths whose sum overflows int64,
 nested tensors, strides built to defeat the overlap search, randomized views of one shared buffer
 checked against a brute-force byte-set oracle, and torch.compile's functionalization hiding an
 overlap. Every rejection raises the message of docs/errors.md and writes nothing anywhere."""
@@ -134,46 +133,6 @@ def test_inputs_with_the_negative_bit_are_read_through_their_resolved_values(dev
     originals = snapshot(*views)
     check_writes_reference(*resolved, call=lambda *_: call_op(*views))
     assert_storages(originals, [v for i, v in enumerate(views) if i != 2], "an input's storage changed")
-
-
-# ---------------------------------------------------------------------------- inference tensors
-
-INFERENCE_OUT = ("{op}: q_out is an inference tensor (created under torch.inference_mode()) and cannot be "
-                 "written outside inference mode; call the op under torch.inference_mode() or pass a q_out "
-                 "created outside it")
-
-
-@pytest.mark.parametrize("call", ENTRY_POINTS)
-@pytest.mark.parametrize("mode", GRAD_MODES[:2])
-@pytest.mark.parametrize("all_inference", [False, True], ids=["out-only", "all-arguments"])
-@pytest.mark.parametrize("op", OPS)
-def test_inference_q_out_outside_inference_mode_is_refused(device, op, all_inference, mode, call):
-    """A q_out created under inference_mode, passed outside it (grad mode or no_grad), with normal
-    inputs or with every argument an inference tensor: the inference-tensor message, nothing written."""
-    args = list(_args(op, device))
-    with torch.inference_mode():
-        made = _args(op, device)
-    args[2] = made[2]
-    if all_inference:
-        args = list(made)
-    assert all(a.is_inference() == (all_inference or i == 2) for i, a in enumerate(args))
-    with mode():
-        check_rejected(args, INFERENCE_OUT.format(op=op), call=call)
-
-
-@pytest.mark.parametrize("made_inside", [True, False], ids=["inference-q_out", "normal-q_out"])
-@pytest.mark.parametrize("op", OPS)
-def test_q_out_written_inside_inference_mode_is_exact(device, op, made_inside):
-    """Under inference_mode the op writes an inference q_out (all arguments inference tensors) and a
-    q_out created outside it (normal inputs), exactly, and nothing else."""
-    if made_inside:
-        with torch.inference_mode():
-            args = _args(op, device)
-    else:
-        args = _args(op, device)
-    with torch.inference_mode():
-        check_writes_reference(*args)
-    assert args[2].is_inference() == made_inside
 
 
 # ------------------------------------------------------------------------------- storage bounds

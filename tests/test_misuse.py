@@ -58,18 +58,12 @@ def _overlap(device):
     return (ql_nope, q_out[..., 512:], q_out), "q_out must not overlap q_pe in memory"
 
 
-def _requires_grad(device):
-    ql_nope, q_pe, q_out = _decode_args(device)
-    return (ql_nope.requires_grad_(), q_pe, q_out), "concat_mla_q is inference-only"
-
-
 def _mixed_devices(device):
     ql_nope, q_pe, q_out = _decode_args(device)
     return (ql_nope, q_pe.cpu(), q_out), "q_pe must be on ql_nope's device cuda:0, got cpu"
 
 
-REJECTIONS = {"dtype": _bad_dtype, "shape": _bad_shape, "overlap": _overlap, "requires-grad": _requires_grad,
-              "mixed-devices": _mixed_devices}
+REJECTIONS = {"dtype": _bad_dtype, "shape": _bad_shape, "overlap": _overlap, "mixed-devices": _mixed_devices}
 
 
 @pytest.mark.parametrize("rejection", list(REJECTIONS))
@@ -88,98 +82,6 @@ def test_process_stays_usable_after_a_rejected_call(device, rejection):
         if device == "cuda":
             torch.cuda.synchronize()
             assert torch.arange(1000, device=device).sum().item() == 499500
-
-
-# ------------------------------------------------------------------------------------- autograd
-
-INFERENCE_ONLY = "concat_mla_q is inference-only (no autograd formula): got {} with requires_grad=True"
-
-
-def _with_grad(device, which: str):
-    """Decode-layout arguments with `which` requiring grad: a leaf, or (the `-view` forms) a view
-    of a leaf, which autograd treats differently for in-place writes."""
-    ql_nope, q_pe, q_out = _decode_args(device)
-    args = {"ql_nope": ql_nope, "q_pe": q_pe, "q_out": q_out}
-    name = which.removesuffix("-view")
-    if which.endswith("-view"):
-        base = random_bits((2, *args[name].shape), args[name].dtype, device).requires_grad_()
-        args[name] = base[1]
-    else:
-        args[name] = args[name].requires_grad_()
-    return args["ql_nope"], args["q_pe"], args["q_out"]
-
-
-GRAD_ARGS = ["ql_nope", "q_pe", "q_out", "ql_nope-view", "q_out-view"]
-
-
-@pytest.mark.parametrize("call", ENTRY_POINTS)
-@pytest.mark.parametrize("which", GRAD_ARGS)
-def test_grad_mode_rejects_tensors_requiring_grad(device, which, call):
-    args = _with_grad(device, which)
-    check_rejected(args, INFERENCE_ONLY.format(which.removesuffix("-view")), call=call)
-
-
-@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-@pytest.mark.parametrize("which", GRAD_ARGS)
-def test_no_grad_and_inference_mode_accept_tensors_requiring_grad(device, which, mode):
-    ql_nope, q_pe, q_out = _with_grad(device, which)
-    with mode():
-        check_writes_reference(ql_nope, q_pe, q_out)
-
-
-def test_grad_mode_without_grad_tensors_works_and_bumps_the_version(device):
-    """Nothing requires grad: the call succeeds bit-exact in grad mode, and it counts as an in-place
-    write of q_out, so a backward that saved q_out before the write refuses to run."""
-    assert torch.is_grad_enabled()
-    ql_nope, q_pe, q_out = _decode_args(device)
-    weight = torch.ones((), dtype=q_out.dtype, device=device, requires_grad=True)
-    product = weight * q_out  # saves q_out (at version v) for weight's gradient
-    version = q_out._version
-    check_writes_reference(ql_nope, q_pe, q_out)
-    assert q_out._version > version
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        product.float().sum().backward()
-
-
-def _allocating(ql_nope, q_pe):
-    q_out = ql_nope.new_empty(ql_nope.shape[0], ql_nope.shape[1], ql_nope.shape[2] + q_pe.shape[2])
-    torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
-    # ql_nope and q_pe also reach the loss directly, so a graph that silently dropped the op's
-    # gradient would still backpropagate (and give a wrong gradient) instead of failing.
-    return q_out.float().sum() + ql_nope.float().sum() + q_pe.float().sum()
-
-
-def _filling(ql_nope, q_pe, q_out):
-    torch.ops._C.concat_mla_q(ql_nope, q_pe, q_out)
-    return q_out.float().sum()
-
-
-@pytest.mark.parametrize("which", ["ql_nope", "q_pe", "q_out-view"])
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_call_with_grad_raises_never_a_wrong_gradient(device, backend, which):
-    """torch.compile(fullgraph=True) of a function calling the op with an argument that requires
-    grad: an error when compiling/running it, or at latest in backward; backward never completes."""
-    torch._dynamo.reset()
-    ql_nope, q_pe, q_out = _with_grad(device, which)
-    if which == "q_out-view":
-        fn, args = _filling, (ql_nope, q_pe, q_out)
-    else:
-        fn, args = _allocating, (ql_nope, q_pe)
-    compiled = torch.compile(fn, backend=backend, fullgraph=True)
-    try:
-        before = snapshot(q_out)
-        try:
-            loss = compiled(*args)
-        except RuntimeError as error:  # torch._dynamo.exc.TorchRuntimeError is one
-            assert "inference-only" in str(error), error
-            assert_storages(before, (q_out,), "a call rejected at trace time wrote q_out")
-            return
-        with pytest.raises(RuntimeError):
-            loss.backward()
-            leaves = [t for t in (ql_nope, q_pe, q_out._base) if t is not None and t.requires_grad]
-            pytest.fail(f"backward completed, with gradients {[t.grad for t in leaves]}")
-    finally:
-        torch._dynamo.reset()
 
 
 # -------------------------------------------------------------------------------------- threads
@@ -246,8 +148,7 @@ def _rss_bytes() -> int:
 RSS_GROWTH_LIMIT = 8 << 20
 
 
-@pytest.mark.parametrize("outcome, calls", [("accepted", 100_000), ("rejected", 50_000),
-                                            ("rejected-autograd", 50_000)])
+@pytest.mark.parametrize("outcome, calls", [("accepted", 100_000), ("rejected", 50_000)])
 def test_many_calls_do_not_grow_memory(device, outcome, calls):
     """100k accepted calls (50k rejected ones: an error is slower) of 1 token x 2 heads x 8/8: host
     RSS grows by at most 8 MB between the first tenth and the end (a leak of ~100 bytes a call
@@ -256,8 +157,6 @@ def test_many_calls_do_not_grow_memory(device, outcome, calls):
     q_out = random_bits((1, 2, 16), torch.bfloat16, device)
     if outcome == "rejected":
         q_out = random_bits((1, 2, 15), torch.bfloat16, device)
-    elif outcome == "rejected-autograd":
-        ql_nope.requires_grad_()
     allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
     warmup = calls // 10
     rss = 0

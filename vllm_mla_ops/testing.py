@@ -24,7 +24,7 @@ __all__ = [
     "random_bits", "bits",
     "contiguous", "heads_major", "split_of_wider", "one_head", "heads_stride_0", "token_stride_0",
     "last_dim_stride_2", "inside_bigger", "nope_of_kv", "rope_of_latent", "shifted", "strided_last_dim",
-    "engine_inputs", "reference", "reference_fp8", "assert_bitwise_equal", "assert_fp8_equal",
+    "ENGINE_CASES", "engine_inputs", "reference", "reference_fp8", "assert_bitwise_equal", "assert_fp8_equal",
 ]
 
 Layout = Callable[[Sequence[int], torch.dtype, "str | torch.device"], torch.Tensor]
@@ -134,8 +134,8 @@ def inside_bigger(shape, dtype, device="cpu"):
     return random_bits((t + 3, h + 2, d + 5), dtype, device)[1 : 1 + t, 2 : 2 + h, 3 : 3 + d]
 
 
-# case: (ql_nope layout, q_pe layout, default nope_dim, default rope_dim)
-_ENGINE_CASES = {
+# case: (ql_nope layout, q_pe layout, default nope_dim, default rope_dim); q_out is contiguous.
+ENGINE_CASES = {
     "decode": (heads_major, split_of_wider, 512, 64),
     "contiguous": (contiguous, contiguous, 512, 64),
     "k_side": (nope_of_kv, rope_of_latent, 128, 64),
@@ -155,7 +155,7 @@ def engine_inputs(case: str, tokens: int, heads: int, dtype: torch.dtype, device
       ``kv = [T, H, 256]`` (the k half of k and v), k_pe = ``latent[..., 512:]`` of the compressed
       ``latent = [T, 1, 576]`` (one rope row shared by every head), k contiguous [T, H, 192].
     """
-    nope_layout, pe_layout, default_nope_dim, default_rope_dim = _ENGINE_CASES[case]
+    nope_layout, pe_layout, default_nope_dim, default_rope_dim = ENGINE_CASES[case]
     nope_dim = default_nope_dim if nope_dim is None else nope_dim
     rope_dim = default_rope_dim if rope_dim is None else rope_dim
     ql_nope = nope_layout((tokens, heads, nope_dim), dtype, device)
