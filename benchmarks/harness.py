@@ -1,451 +1,366 @@
-"""An op-agnostic benchmark harness: correctness first, then interleaved timing, then one table.
+"""What the benchmark scripts share: one command line, the correctness gate, interleaved timing with
+paired ratios, the same-run ceilings, and tables under the run's metadata.
 
-A benchmark is a list of ``Case``s (one row of a table each: a group name and a size). A case's
-``setup()`` builds its buffers and returns ``Contender``s, zero-argument closures over those fixed
-buffers. ``run()`` then, per case:
+The timing is the libraries': ``triton.testing.do_bench_cudagraph`` on CUDA (one CUDA graph of
+back-to-back calls on fixed buffers, replayed; per call: the median replay over its calls) and
+``torch.utils.benchmark.Timer.blocked_autorange`` on CPU. Kept here is what they do not do:
 
-1. checks every contender that has a ``check`` (the bench file writes it: fresh random inputs, the
-   output poisoned, the result compared with the reference). A check that raises marks the
-   contender FAIL: it is not timed and the exit status becomes 1. A string it returns is a note.
-2. times all contenders of the case interleaved: ``rounds`` rounds, each timing every contender in
-   turn (A B C A B C ...), so clock, thermal and neighbour drift hit all of them alike.
-   - CUDA: each contender's ``calls`` back-to-back calls are captured in one CUDA graph (after a
-     warm-up on a side stream); each replay is timed with a pair of events and the per-call time
-     is replay time / ``calls``. Capturing many calls amortises the graph launch: a graph of one
-     call timed with events measures the events, not the kernel. Buffers are reused from call to
-     call, so inputs that fit in L2 stay there, as in a decode step where the producer just wrote
-     them. Summary: median and the 20th-80th percentile spread over >= 20 replays.
-   - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` per round at a fixed thread count;
-     the blocks of all rounds are pooled. Summary: median and the interquartile range. A CPU case
-     is set up, checked and timed under ``torch.inference_mode()``, as engines call these ops, so
-     the host path timed is theirs.
-3. prints a markdown table per group (us per call; for the contender with role "subject", % of the
-   ceiling = fastest "ceiling" contender's time / its time, and "x <baseline>" = baseline time / its
-   time), and writes CSV, JSON and, when matplotlib is importable, a PNG per group to ``out_dir``.
+- The gate: before any timing, each contender that produces the op's result runs once on fresh
+  random bits with its output poisoned and is compared with vllm_mla_ops.testing's reference, bit
+  for bit. A wrong result is printed as FAIL, is not timed, and makes the exit status 1.
+- Interleaving: ``rounds`` rounds, each timing every contender of a row once, in turn, so that drift
+  (clocks, heat, other processes) hits them alike. A ratio is computed within each round; the table
+  shows its median and its lowest and highest round, which is how noisy the run was.
+- Ceilings (CUDA): the op's bytes moved by a tuned Triton flat copy and by torch.bitwise_not, in
+  the same run.
 
-Ceilings for memory-bound ops come with the harness: ``flat_copy_ceilings`` (a Triton load/store
-over flat buffers that reads and writes given element counts and types, one contender per block
-size, so "the fastest ceiling" picks the best block per size), ``bitwise_not_ceiling`` (torch's own
-SM copy of the same bytes; a graph-captured ``copy_`` is a memcpy node, slower, so no ceiling), and
-``launch_floor`` (a one-element fill: the cost of any kernel at all).
+A script builds a ``Table`` per shape, calls ``measure`` once per row with a function that makes the
+row's ``Contender``s (the op with its check, what it replaces, ``ceilings(...)``), then ``report``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as dt
-import json
+import functools
+import logging
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.utils.benchmark as tbench
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: no Triton ceilings
-    triton = None
+import vllm_mla_ops  # noqa: F401  (registers torch.ops._C.*)
 
-SUBJECT, BASELINE, CEILING, OTHER = "subject", "baseline", "ceiling", "other"
+# torch.utils.benchmark imports torch's extension builder, which warns on import when a CUDA build of
+# torch finds no CUDA runtime; the timer builds no extension.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils.benchmark import Timer  # noqa: E402
+
+LAYOUTS = {"decode": "decode", "prefill": "contiguous", "k_side": "k_side"}  # -> engine_inputs' case
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Default tokens by device and layout, and heads by device (DeepSeek-V3's at TP8 and on one rank).
+TOKENS = {"cuda": dict.fromkeys(LAYOUTS, [1, 4, 16, 64, 256, 1024, 4096, 16384]),
+          "cpu": {"decode": [1, 16, 64], "prefill": [256, 1024], "k_side": [256, 1024]}}
+HEADS = {"cuda": [16, 128], "cpu": [128]}
+CEILING = "ceiling"
+NOISY = 0.2  # a time whose rounds spread wider than this fraction of its median: a note under the table
+_LOAD_AT_START = os.getloadavg()[0]
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def parser(doc: str, layouts: str) -> argparse.ArgumentParser:
+    """The options of every script; a script adds its own, if any, before parsing."""
+    def names(choices):
+        def parse(text: str) -> list[str]:
+            bad = [x for x in text.split(",") if x not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad}: not one of {', '.join(choices)}")
+            return text.split(",")
+        return parse
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda where available)")
+    p.add_argument("--tokens", type=ints, help="comma list (default: see above)")
+    p.add_argument("--heads", type=ints, help="comma list (default: see above)")
+    p.add_argument("--layout", type=names(LAYOUTS), default=layouts,
+                   help=f"comma list of {', '.join(LAYOUTS)} (default: {layouts})")
+    p.add_argument("--dtype", type=names(DTYPES), default="bf16", help="comma list of bf16, fp16 (default: bf16)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"),
+                   help="folder for the tables (.md), every round's time (.csv) and plots (.png)")
+    p.add_argument("--rounds", type=int,
+                   help="interleaved rounds per row (default: kernels 5 on CUDA, 15 on CPU; host time 50)")
+    # Threads of a parallel region wait for each other: one sharing its core with another process
+    # stalls the whole region for scheduler slices, so the default leaves out the cores that were busy
+    # when this process started (later, the load average counts this process too).
+    busy = int(_LOAD_AT_START + 0.5)
+    p.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), os.cpu_count() - busy)),
+                   help="CPU kernel timings: torch threads (default: %(default)s, torch's threads less the "
+                        "cores the load average says are busy)")
+    return p
+
+
+def shapes(args: argparse.Namespace, tokens: dict = TOKENS, heads: dict = HEADS
+           ) -> list[tuple[str, str, int, list[int]]]:
+    """(dtype, layout, heads, tokens) of each table the options ask for; ``tokens`` and ``heads``
+    hold the defaults, by device (and layout)."""
+    kind = args.device.type
+    return [(dtype, layout, n, args.tokens or tokens[kind][layout])
+            for dtype in args.dtype for layout in args.layout for n in args.heads or heads[kind]]
+
+
+# ------------------------------------------------------------------------------------------ timing
 
 
 @dataclass
 class Contender:
     name: str
     fn: Callable[[], object]
-    role: str = OTHER
-    check: Callable[[], str | None] | None = None  # raises on a wrong result; a str is a note
+    check: Callable[[], str | None] | None = None  # raises on a wrong result; a string is a note
+    ceiling: bool = False  # the table shows the fastest ceiling of each round as one column
 
 
 @dataclass
-class Case:
-    group: str  # one table per group, e.g. "bf16 decode, 128 heads"
-    size: int  # the row key and the plot's x axis, e.g. tokens
-    setup: Callable[[], list[Contender]]  # called when the case runs: one case's buffers at a time
-    extra: Callable[[dict[str, float]], dict[str, str]] | None = None  # medians (s) -> more columns
-    # Runs after the checks, before timing: for ops whose speed depends on the values (a CPU
-    # float conversion slows down on NaN, inf and subnormal inputs), time on realistic data.
-    before_timing: Callable[[], None] | None = None
+class Timing:
+    time: Callable[[Callable[[], object]], float]  # one round of one contender -> us per call
+    rounds: int
+    method: str  # for the header
 
 
 @dataclass
-class Result:
-    group: str
-    size: int
-    contender: str
-    role: str
-    status: str  # "ok" or "FAIL"
-    median_us: float | None = None
-    lo_us: float | None = None  # q20 (CUDA) or q25 (CPU)
-    hi_us: float | None = None  # q80 (CUDA) or q75 (CPU)
-    samples: int = 0
-    round_us: list[float] = field(default_factory=list)  # per-round medians, in round order
-    note: str = ""
+class Table:
+    title: str
+    size_name: str  # what a row is: "tokens", "mode"
+    derived: dict[str, Callable[[dict[str, float]], float]]  # column -> figure from one round's us
+    meaning: str  # what the derived columns say: one line under the table
+    timing: Timing
+    rows: dict[object, dict[str, list[float] | None]] = field(default_factory=dict)  # None: FAIL
+    ceilings: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Settings:
-    device: torch.device
-    rounds: int | None = None  # None: 5 on CUDA; 15 short ones on CPU, where neighbours are noisier
-    calls: int = 100  # CUDA: calls per graph
-    round_s: float | None = None  # per contender per round; None: 50 ms on CUDA, 20 ms on CPU
-    threads: int | None = None  # CPU; None: torch.get_num_threads() capped by the idle cores
-    max_threads: int | None = None  # CPU; caps the None case, e.g. at the op's usual thread count
+def kernel_timing(args: argparse.Namespace) -> Timing:
+    rounds = args.rounds or (5 if args.device.type == "cuda" else 15)
+    if args.device.type == "cuda":
+        from triton.testing import do_bench_cudagraph
 
-    def __post_init__(self):
-        cuda = self.device.type == "cuda"
-        self.rounds = self.rounds or (5 if cuda else 15)
-        self.round_s = self.round_s or (0.05 if cuda else 0.02)
-        self.threads_note = ""
-        if not cuda and self.threads is None:
-            self.threads = min(torch.get_num_threads(), self.max_threads or torch.get_num_threads())
-            idle = _idle_cores()
-            if idle is not None and idle + 0.5 < self.threads:
-                # Threads of a parallel region wait for each other: one sharing its core with
-                # other work stalls the whole region for scheduler slices, which no statistic
-                # recovers. Fewer threads give numbers that mean something.
-                self.threads_note = f" (of {self.threads}: only {idle:.1f} cores were idle)"
-                self.threads = max(1, int(idle + 0.5))
-        self.cpu_at_start = _cpu_seconds()
+        def time_cuda(fn: Callable[[], object]) -> float:
+            # do_bench_cudagraph runs on a stream of its own, which does not wait for ours (where the
+            # inputs were written).
+            torch.cuda.synchronize()
+            return 1e3 * do_bench_cudagraph(fn, rep=10, return_mode="median")
+        return Timing(time_cuda, rounds, "triton.testing.do_bench_cudagraph(rep=10): per call, the median "
+                      "replay of a CUDA graph of back-to-back calls; under torch.inference_mode()")
+
+    def time_cpu(fn: Callable[[], object]) -> float:
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=args.threads)
+        return 1e6 * timer.blocked_autorange(min_run_time=0.02).median
+    return Timing(time_cpu, rounds, f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time=0.02), "
+                  f"torch threads: {args.threads}; median block; under torch.inference_mode()")
 
 
-# ------------------------------------------------------------------------------------------ timing
+def host_timing(args: argparse.Namespace, calls: int = 200) -> Timing:
+    """Host time of eager calls. On CUDA the GPU is synchronized only between rounds, outside the
+    timed loop; a round's kernels stay well short of the launch queue's depth, so no launch waits."""
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else lambda: None
+
+    def time_host(fn: Callable[[], object]) -> float:
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        sync()
+        return 1e6 * elapsed / calls
+    return Timing(time_host, args.rounds or 50, f"time.perf_counter() around {calls} eager calls, per call")
 
 
-class GraphTimer:
-    """One CUDA graph of ``calls`` back-to-back calls of ``fn``; ``sample`` times whole replays."""
-
-    def __init__(self, fn: Callable[[], object], calls: int, round_s: float):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # capture must not be the first use of lazy state (cuBLAS, Triton)
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            for _ in range(calls):
-                fn()
-        self.calls = calls
-        self.replays = 4  # warm-up replays; they size the replays of a round to ~round_s
-        self.replays = max(4, min(100, int(round_s / calls / max(min(self.sample()), 1e-9))))
-
-    def sample(self) -> list[float]:
-        """Seconds per call of ``self.replays`` replays, each timed by its own pair of events."""
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(self.replays)]
-        for start, end in events:
-            start.record()
-            self.graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) * 1e-3 / self.calls for start, end in events]
+def measure(table: Table, size: object, setup: Callable[[], list[Contender]],
+            before_timing: Callable[[], None] | None = None) -> None:
+    """Adds a row to ``table``: the contenders ``setup()`` makes, gated, then timed in interleaved
+    rounds. ``before_timing`` runs between the two (e.g. to time on realistic values)."""
+    row, timed = {}, []
+    for c in setup():
+        try:
+            note = c.check() if c.check else None
+        except Exception as exc:  # noqa: BLE001 - a wrong or failing contender is a result
+            table.notes.append(f"{size}: {c.name}: FAIL: {type(exc).__name__}: {exc}")
+            row[c.name] = None
+            continue
+        if note:
+            table.notes.append(f"{size}: {c.name}: {note}")
+        timed.append(c)
+        row[c.name] = []
+        if c.ceiling:
+            table.ceilings.add(c.name)
+    if before_timing:
+        before_timing()
+    for _ in range(table.timing.rounds):
+        for c in timed:
+            row[c.name].append(table.timing.time(c.fn))
+    table.rows[size] = row
+    print(f"  {table.title}, {table.size_name} {size}: done", file=sys.stderr, flush=True)
 
 
-def _time_cuda(contenders: list[Contender], s: Settings) -> dict[str, list[float]]:
-    timers = {c.name: GraphTimer(c.fn, s.calls, s.round_s) for c in contenders}
-    samples: dict[str, list[list[float]]] = {name: [] for name in timers}
-    for _ in range(s.rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer.sample())
-    return samples
+# ---------------------------------------------------------------------------------------- ceilings
 
 
-def _time_cpu(contenders: list[Contender], s: Settings) -> dict[str, list[float]]:
-    timers = {c.name: tbench.Timer("fn()", globals={"fn": c.fn}, num_threads=s.threads)
-              for c in contenders}
-    samples: dict[str, list[list[float]]] = {name: [] for name in timers}
-    for _ in range(s.rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer.blocked_autorange(min_run_time=s.round_s).times)
-    return samples
+def ceilings(n_read: int, n_write: int, device: torch.device, dst_dtype: torch.dtype = torch.int16
+             ) -> list[Contender]:
+    """CUDA: the ceilings of an op that reads ``n_read`` 16-bit elements and writes ``n_write`` of
+    ``dst_dtype``: the tuned Triton flat copy and, where it moves the same bytes (reads what it
+    writes), torch.bitwise_not over int16 buffers; and the launch floor (a one-element fill: what any
+    kernel costs). A graph-captured ``copy_`` is a memcpy node, slower than both: no ceiling."""
+    if device.type != "cuda":
+        return []
+    src = torch.randint(-32768, 32768, (n_read,), dtype=torch.int16, device=device)
+    out = [Contender("triton copy", flat_copy(src, torch.empty(n_write, dtype=dst_dtype, device=device)),
+                     ceiling=True)]
+    if n_read == n_write and dst_dtype == torch.int16:
+        out.append(Contender("bitwise_not", partial(torch.bitwise_not, src, out=torch.empty_like(src)),
+                             ceiling=True))
+    one = torch.empty(1, device=device)
+    return out + [Contender("launch floor", partial(one.fill_, 1.0))]
 
 
-def summarize(times: list[float], cuda: bool) -> tuple[float, float, float]:
-    """(median, lo, hi) in us: lo/hi the 20th/80th percentiles on CUDA, the quartiles on CPU."""
-    if len(times) < 2:
-        return times[0] * 1e6, times[0] * 1e6, times[0] * 1e6
-    q = statistics.quantiles(times, n=20 if cuda else 4, method="inclusive")
-    lo, hi = (q[3], q[15]) if cuda else (q[0], q[2])
-    return statistics.median(times) * 1e6, lo * 1e6, hi * 1e6
+def flat_copy(src: torch.Tensor, dst: torch.Tensor) -> Callable[[], object]:
+    """A Triton kernel that reads all of 1-D ``src`` and writes all of 1-D ``dst`` (converted to its
+    type, zeros past src's end): an op's bytes without its indexing. Block size tuned per size."""
+    kernel = _flat_copy_kernel()
+    n_read, n_write = src.numel(), dst.numel()
+    assert max(n_read, n_write) < 2**31, "32-bit offsets"
+    return lambda: kernel[lambda meta: (-(-max(n_read, n_write) // meta["BLOCK"]),)](src, dst, n_read, n_write)
 
 
-# ------------------------------------------------------------------------------------- ceilings
+@functools.cache
+def _flat_copy_kernel():
+    # Imported here so that a CPU run never imports Triton; as globals, because a Triton kernel
+    # resolves its names (tl) in its module's globals.
+    global triton, tl
+    import triton
+    import triton.language as tl
+    from triton.testing import do_bench_cudagraph
 
-if triton is not None:
+    # Tuned as it is timed (back to back in a graph, inputs warm in L2); the autotuner's default
+    # benchmark flushes L2 between calls.
+    @triton.autotune([triton.Config({"BLOCK": b}) for b in (1024, 2048, 4096, 8192)], key=["n_read", "n_write"],
+                     do_bench=lambda fn, quantiles: do_bench_cudagraph(fn, rep=5, quantiles=quantiles))
     @triton.jit
-    def _flat_copy(src, dst, n_read, n_write, BLOCK: tl.constexpr):
-        # Reads n_read elements and writes n_write (converted to dst's type): the bytes an op moves,
-        # with none of its indexing.
+    def copy(src, dst, n_read, n_write, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(src + offs, mask=offs < n_read, other=0)
         tl.store(dst + offs, x.to(dst.dtype.element_ty), mask=offs < n_write)
+    return copy
 
 
-def flat_copy(src: torch.Tensor, dst: torch.Tensor, block: int) -> Callable[[], object]:
-    """The Triton flat copy of all of 1-D ``src`` into all of 1-D ``dst`` (zeros past src's end)."""
-    n_read, n_write = src.numel(), dst.numel()
-    assert max(n_read, n_write) < 2**31, "32-bit offsets"
-    grid = (triton.cdiv(max(n_read, n_write), block),)
-    return lambda: _flat_copy[grid](src, dst, n_read, n_write, BLOCK=block)
+# ------------------------------------------------------------------------------------------ report
 
 
-def flat_copy_ceilings(n_read: int, n_write: int, device: torch.device,
-                       src_dtype: torch.dtype = torch.int16, dst_dtype: torch.dtype = torch.int16,
-                       blocks: tuple[int, ...] = (1024, 2048, 4096, 8192)) -> list[Contender]:
-    """One Triton flat-copy contender per block size, on one shared pair of buffers."""
-    if triton is None or device.type != "cuda":
-        return []
-    src = torch.randint(-100, 100, (n_read,), device=device).to(src_dtype)  # never time zeros
-    dst = torch.empty(n_write, dtype=dst_dtype, device=device)
-    return [Contender(f"triton copy {b}", flat_copy(src, dst, b), CEILING) for b in blocks]
+def report(title: str, tables: list[Table], args: argparse.Namespace, tag: str) -> int:
+    """Prints the tables under the run's metadata and writes them (``tag``.md), every round's time
+    (.csv) and a plot of the tables by size (.png, where matplotlib is importable) to --out.
+    Returns the exit status: 1 if a contender failed the gate."""
+    methods = "; ".join(dict.fromkeys(f"{t.timing.method}; {t.timing.rounds} interleaved rounds" for t in tables))
+    lines = [f"## {title}", "",
+             f"device: {_device_name(args.device)}; torch {torch.__version__}; "
+             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"command: `{shlex.join([Path(sys.executable).name] + sys.argv)}`",
+             f"timing: {methods}",
+             f"load average: {_LOAD_AT_START:.2f} before this process started work, "
+             f"{os.getloadavg()[0]:.2f} now (this process included), {os.cpu_count()} cores", ""]
+    for t in tables:
+        lines += _markdown(t)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = [args.out / f"{tag}.md", args.out / f"{tag}.csv"]
+    paths[0].write_text(text + "\n")
+    with paths[1].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["table", "row", "contender", "round", "us_per_call"])
+        w.writerows([t.title, size, name, i, f"{us:.4f}"] for t in tables for size, row in t.rows.items()
+                    for name, times in row.items() for i, us in enumerate(times or []))
+    if _plot(tables, args.out / f"{tag}.png"):
+        paths.append(args.out / f"{tag}.png")
+    print("files: " + ", ".join(map(str, paths)) + "\n", flush=True)
+    return int(any(times is None for t in tables for row in t.rows.values() for times in row.values()))
 
 
-def bitwise_not_ceiling(numel: int, device: torch.device) -> list[Contender]:
-    """torch.bitwise_not over int16 buffers of ``numel`` elements: reads and writes 2 * numel bytes."""
-    if device.type != "cuda":
-        return []
-    src = torch.randint(-32768, 32768, (numel,), dtype=torch.int16, device=device)
-    dst = torch.empty_like(src)
-    return [Contender("bitwise_not", lambda: torch.bitwise_not(src, out=dst), CEILING)]
-
-
-def launch_floor(device: torch.device) -> list[Contender]:
-    """A one-element fill: what any kernel costs in a graph on this device."""
-    if device.type != "cuda":
-        return []
-    one = torch.empty(1, device=device)
-    return [Contender("launch floor", lambda: one.fill_(1.0))]
-
-
-# ------------------------------------------------------------------------------------------ runs
-
-
-def run(cases: list[Case], s: Settings) -> list[Result]:
-    results = []
-    cuda = s.device.type == "cuda"
-    for case in cases:
-        # CPU: buffers made and calls timed under inference mode, as engines call the ops; a CPU
-        # call's time includes its host path, and this is the path they take. CUDA times are graph
-        # replays, which run no host code.
-        with contextlib.nullcontext() if cuda else torch.inference_mode():
-            results += _run_case(case, s)
-        print(f"  {case.group}: {case.size} done", file=sys.stderr, flush=True)
-    return results
-
-
-def _run_case(case: Case, s: Settings) -> list[Result]:
-    results = []
-    cuda = s.device.type == "cuda"
-    contenders = case.setup()
-    timed = []
-    for c in contenders:
-        try:
-            note = c.check() if c.check else None
-        except Exception as exc:  # noqa: BLE001 - a wrong or raising contender is a result
-            results.append(Result(case.group, case.size, c.name, c.role, "FAIL",
-                                  note=f"{type(exc).__name__}: {exc}"))
-            continue
-        timed.append((c, note or ""))
-    if case.before_timing:
-        case.before_timing()
-    start = _cpu_seconds()
-    samples = (_time_cuda if cuda else _time_cpu)([c for c, _ in timed], s)
-    others = None if cuda else _others_cores(start)
-    if others is not None and others >= 0.2 and timed:  # see _other_work: a row that may be noise
-        c, note = timed[0]
-        timed[0] = (c, (note + "; " if note else "") + f"other processes used {others:.1f} cores")
-    for c, note in timed:
-        rounds = samples[c.name]
-        med, lo, hi = summarize([t for r in rounds for t in r], cuda)
-        results.append(Result(case.group, case.size, c.name, c.role, "ok", med, lo, hi,
-                              sum(map(len, rounds)),
-                              [statistics.median(r) * 1e6 for r in rounds], note))
-    medians = {r.contender: r.median_us * 1e-6 for r in results
-               if r.group == case.group and r.size == case.size and r.status == "ok"}
-    if case.extra:
-        for key, value in case.extra(medians).items():
-            results.append(Result(case.group, case.size, key, "extra", "ok", note=value))
-    del contenders, timed
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    return results
-
-
-# ---------------------------------------------------------------------------------------- output
-
-
-def header(title: str, s: Settings) -> dict[str, str]:
-    if s.device.type == "cuda":
-        name = torch.cuda.get_device_name(s.device)
-        timing = "CUDA graph of {} calls, median replay / {} (q20-q80 spread)".format(s.calls, s.calls)
-    else:
-        name = _cpu_name()
-        timing = (f"torch.utils.benchmark blocked_autorange, {s.threads} thread(s){s.threads_note}, "
-                  "under torch.inference_mode() (median, IQR spread)")
-        name += f" ({os.cpu_count()} cores{_other_work(s.cpu_at_start)})"
-    return {"title": title, "device": name, "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": shlex.join([Path(sys.executable).name] + sys.argv),
-            "timing": f"{timing}; {s.rounds} interleaved rounds"}
-
-
-def _cpu_seconds() -> tuple[float, float, float] | None:
-    """(wall, CPU seconds used by every process, by this one) now; None where /proc/stat is not."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    t = os.times()
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-    return t.elapsed, busy, t.user + t.system + t.children_user + t.children_system
-
-
-def _idle_cores(seconds: float = 0.5) -> float | None:
-    """Cores that other processes left idle over the next ``seconds``."""
-    start = _cpu_seconds()
-    time.sleep(seconds)
-    others = _others_cores(start)
-    return None if others is None else os.cpu_count() - others
-
-
-def _others_cores(start: tuple[float, float, float] | None) -> float | None:
-    """Cores that other processes used on average since ``start``."""
-    end = _cpu_seconds()
-    if start is None or end is None or end[0] <= start[0]:
-        return None
-    return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
-
-
-def _other_work(start: tuple[float, float, float] | None) -> str:
-    others = _others_cores(start)
-    if others is None:
-        return ""
-    if others < 0.2:
-        return f"; other processes used {others:.1f} cores meanwhile"
-    return f"; other processes used {others:.1f} cores meanwhile: expect noise"
-
-
-def _cpu_name() -> str:
-    try:
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
-def _us(r: Result) -> str:
-    if r.status != "ok":
-        return "FAIL"
-    spread = (r.hi_us - r.lo_us) / 2 / r.median_us * 100
-    return f"{r.median_us:.2f} ±{spread:.0f}%"
+def _markdown(t: Table) -> list[str]:
+    """A row per size: each contender's median us per call (the fastest ceiling of each round as one
+    column), then the derived figures of each round: median (lowest-highest round)."""
+    names = [n for n in dict.fromkeys(n for row in t.rows.values() for n in row) if n not in t.ceilings]
+    cols = [t.size_name] + [f"{n} us" for n in names] + [f"{CEILING} us"] * bool(t.ceilings) + list(t.derived)
+    lines = [f"### {t.title}", "", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    widest = max((((max(times) - min(times)) / statistics.median(times), f"{t.size_name} {size}, {name}")
+                  for size, row in t.rows.items() for name, times in row.items() if times), default=(0.0, ""))
+    for size, row in t.rows.items():
+        rounds = [{n: times[i] for n, times in row.items() if times} for i in range(t.timing.rounds)]
+        for r in rounds:
+            if t.ceilings & r.keys():
+                r[CEILING] = min(r[c] for c in t.ceilings & r.keys())
+        cells = [str(size)] + ["" if n not in row else "FAIL" if row[n] is None else _median(row[n])
+                               for n in names]
+        cells += [_median([r[CEILING] for r in rounds if CEILING in r])] * bool(t.ceilings)
+        for label, figure in t.derived.items():
+            try:
+                values = [figure(r) for r in rounds]
+            except KeyError:  # a contender it needs failed or is absent
+                cells.append("")
+                continue
+            cells.append(f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"{t.meaning}. Each: the median of {t.timing.rounds} interleaved rounds (lowest-highest round)."]
+    if widest[0] > NOISY:
+        lines.append(f"Noisy machine: a time varied by {100 * widest[0]:.0f}% of its median from round to round "
+                     f"({widest[1]}); differences within the ranges are not findings.")
+    return lines + [f"- {n}" for n in t.notes] + [""]
 
 
-def _ratio(base: Result, subject: Result) -> str:
-    """base / subject, paired round by round (a neighbour's burst slows both halves of a round
-    alike, so it cancels): the median ratio, and the quartiles of the per-round ratios."""
-    ratios = [b / a for a, b in zip(subject.round_us, base.round_us)]
-    if len(ratios) < 4:
-        return f"{statistics.median(ratios):.2f}x"
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return f"{statistics.median(ratios):.2f}x ({q[0]:.2f}-{q[2]:.2f})"
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else ""
 
 
-def tables(results: list[Result], meta: dict[str, str], size_name: str = "size") -> str:
-    """One markdown table per group: a row per size, us per call (± half the spread) per shown
-    contender, then the best ceiling, % of it and "x baseline" for the subject, then extra columns."""
-    out = [f"## {meta['title']}", "", f"device: {meta['device']}; torch {meta['torch']}; "
-           f"{meta['date']}", f"command: `{meta['command']}`", f"timing: {meta['timing']}", ""]
-    for group in dict.fromkeys(r.group for r in results):
-        rows = [r for r in results if r.group == group]
-        def named(*roles: str) -> list[str]:
-            return list(dict.fromkeys(r.contender for r in rows if r.role in roles))
-        shown, others, extras = named(SUBJECT, BASELINE), named(OTHER), named("extra")
-        baselines = named(BASELINE)
-        has_ceiling = any(r.role == CEILING for r in rows)
-        cols = [size_name] + [f"{n} us" for n in shown] + ["ceiling us", "% of ceiling"] * has_ceiling
-        cols += [f"x {b}" for b in baselines] + [f"{n} us" for n in others] + extras
-        lines = [f"### {group}", "", "| " + " | ".join(cols) + " |",
-                 "|" + "|".join("---:" for _ in cols) + "|"]
-        notes = []
-        for size in dict.fromkeys(r.size for r in rows):
-            at = {r.contender: r for r in rows if r.size == size}
-            ok = {n: r.median_us for n, r in at.items() if r.status == "ok" and r.median_us}
-            subject = next((r for r in at.values() if r.role == SUBJECT), None)
-            cells = [str(size)] + [_us(at[n]) if n in at else "" for n in shown]
-            if has_ceiling:
-                ceil = min((r for r in at.values() if r.role == CEILING and r.contender in ok),
-                           key=lambda r: r.median_us, default=None)
-                cells.append(f"{ceil.median_us:.2f} ({ceil.contender})" if ceil else "")
-                cells.append(f"{100 * ceil.median_us / ok[subject.contender]:.0f}%"
-                             if ceil and subject and subject.contender in ok else "")
-            for b in baselines:
-                cells.append(_ratio(at[b], subject) if subject and b in ok and subject.contender in ok
-                             else "")
-            cells += [_us(at[n]) if n in at else "" for n in others]
-            cells += [at[e].note if e in at else "" for e in extras]
-            lines.append("| " + " | ".join(cells) + " |")
-            notes += [f"- {size}: {r.contender}: {r.status}, {r.note}" for r in at.values()
-                      if r.note and r.role != "extra"]
-        out += lines + [""] + notes + ([""] if notes else [])
-    return "\n".join(out)
+def _plot(tables: list[Table], path: Path) -> bool:
+    tables = [t for t in tables if all(isinstance(size, int) for size in t.rows)]
+    plt = _pyplot() if tables else None
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        for name in dict.fromkeys(n for row in t.rows.values() for n in row):
+            points = [(size, statistics.median(row[name])) for size, row in t.rows.items() if row.get(name)]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=name, ls=":" if name in t.ceilings else "-")
+        ax.set(xscale="log", yscale="log", xlabel=t.size_name, ylabel="us per call", title=t.title)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
-def write(results: list[Result], meta: dict[str, str], out_dir: Path, tag: str,
-          size_name: str = "size") -> list[Path]:
-    """CSV (a row per case x contender), JSON (the header and the rows) and PNG per group."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(r) for r in results]
-    paths = [out_dir / f"{tag}.csv", out_dir / f"{tag}.json", out_dir / f"{tag}.md"]
-    with paths[0].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["group"])
-        writer.writeheader()
-        writer.writerows(rows)
-    paths[1].write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    paths[2].write_text(tables(results, meta, size_name) + "\n")
+@functools.cache
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not importable: no plot", file=sys.stderr)
-        return paths
-    groups = list(dict.fromkeys(r.group for r in results))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, group in zip(axes[0], groups):
-        timed = [r for r in results if r.group == group and r.median_us]
-        for name in dict.fromkeys(r.contender for r in timed):
-            pts = [(r.size, r.median_us) for r in timed if r.contender == name]
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name,
-                    ls=":" if any(r.role == CEILING for r in timed if r.contender == name) else "-")
-        ax.set(xscale="log", yscale="log", xlabel=size_name, ylabel="us per call", title=group)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"{meta['title']} on {meta['device']}, torch {meta['torch']}, {meta['date']}",
-                 fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / f"{tag}.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+        return None
+    return plt
 
 
-def report(results: list[Result], s: Settings, title: str, out_dir: Path, tag: str,
-           size_name: str = "size") -> int:
-    """Writes the files, prints the tables; returns the exit status (1 if anything failed)."""
-    meta = header(title, s)
-    paths = write(results, meta, out_dir, tag, size_name)
-    print(tables(results, meta, size_name))
-    print("files: " + ", ".join(str(p) for p in paths))
-    return int(any(r.status == "FAIL" for r in results))
+def poisoned(fn: Callable[[], object], out: torch.Tensor, byte: int, expect: Callable[[], None]):
+    """The gate's check of an op writing ``out``: ``out`` filled with ``byte`` first, compared after."""
+    def check() -> None:
+        out.view(torch.uint8).fill_(byte)
+        fn()
+        expect()
+    return check

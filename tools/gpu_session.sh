@@ -5,7 +5,7 @@
 # STEPS picks the steps after the build (default "tests large memcheck sass bench"; "large" runs the
 # tests marked large, tens of GB of GPU memory); SANITIZERS the compute-sanitizer tools of the
 # memcheck step (default memcheck), run over the CUDA tests.
-# pytest.log, sanitizer.log, the benchmark tables (*.md) and bench.tar.gz (every CSV, JSON and
+# pytest.log, sanitizer.log, the benchmark tables (bench.md) and bench.tar.gz (every table, CSV and
 # PNG) go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,18 +64,21 @@ if want sass; then
 fi
 
 if want bench; then
+  # Every benchmark script (main.py runs the host time); all their tables go to bench.md, every file
+  # they write to bench.tar.gz.
   bench=/tmp/bench
-  run_bench() {  # name, command...
+  rm -rf "$bench"
+  : >"$out/bench.md"
+  run_bench() {  # name, script, options...
     local name=$1; shift
     step "benchmark: $name"
-    timeout 560 "$@" --out "$bench/$name" 2>&1 | tail -60
+    timeout 560 python3 "$@" --out "$bench/$name" 2>&1 | tail -80
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    cat "$bench/$name"/*.md > "$out/$name.md" 2>/dev/null
+    cat "$bench/$name"/*.md >>"$out/bench.md" 2>/dev/null
   }
-  run_bench bf16 python3 benchmarks/bench_concat_mla_q.py --layout decode,contiguous
-  run_bench kside python3 benchmarks/bench_concat_mla_q.py --layout k_side
-  run_bench bmm python3 benchmarks/bench_concat_mla_q.py --layout decode --heads 128 --bmm
-  run_bench fp8 python3 benchmarks/bench_concat_mla_q_fp8.py --layout decode --heads 128
+  run_bench main benchmarks/main.py
+  run_bench concat_mla_q benchmarks/bench_concat_mla_q.py --bmm
+  run_bench concat_mla_q_fp8 benchmarks/bench_concat_mla_q_fp8.py
   tar -czf "$out/bench.tar.gz" -C "$bench" .
 fi
 exit $status
