@@ -137,12 +137,12 @@ def kernel_timing(args: argparse.Namespace) -> Timing:
     rounds = args.rounds or (5 if args.device.type == "cuda" else 15)
     if args.device.type == "cuda":
         from triton.testing import do_bench_cudagraph
+        side = torch.cuda.Stream()  # capture needs one; older Triton leaves making it to the caller
 
         def time_cuda(fn: Callable[[], object]) -> float:
-            # do_bench_cudagraph runs on a stream of its own, which does not wait for ours (where the
-            # inputs were written).
-            torch.cuda.synchronize()
-            return 1e3 * do_bench_cudagraph(fn, rep=10, return_mode="median")
+            torch.cuda.synchronize()  # the side stream does not wait for ours, where the inputs were written
+            with torch.cuda.stream(side):
+                return 1e3 * do_bench_cudagraph(fn, rep=10, return_mode="median")
         return Timing(time_cuda, rounds, "triton.testing.do_bench_cudagraph(rep=10): per call, the median "
                       "replay of a CUDA graph of back-to-back calls; under torch.inference_mode()")
 
