@@ -1,14 +1,21 @@
 // The validator of both ops (every backend calls it before touching memory), and the formatting of
 // its messages: the Python spelling of dtypes, devices and shapes, as the fake implementation
 // prints them.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/c/shim.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/csrc/stable/stableivalue_conversions.h>
 #include <torch/headeronly/core/DeviceType.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <array>
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "mem_overlap.h"
 #include "ops.h"
@@ -135,11 +142,17 @@ void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Meta&
   }
 }
 
-}  // namespace
+// A None passed for a Tensor argument arrives as an undefined tensor, whose accessors would throw
+// from inside torch; it is refused first, by name.
+void check_defined(const char* op, std::initializer_list<OpArg> args) {
+  for (const OpArg& arg : args) {
+    MLA_CHECK(arg.tensor == nullptr || arg.tensor->defined(), op, ": ", arg.name, " must be a tensor, got None");
+  }
+}
 
-void check_concat_mla_q_args(const Tensor& ql_nope_t, const Tensor& q_pe_t, const Tensor& q_out_t,
-                             const std::optional<Tensor>& scale_t) {
-  const char* op = scale_t ? "concat_mla_q_fp8" : "concat_mla_q";
+// Everything but the inference-only contract, which needs every argument checked first.
+void check_args(const char* op, const Tensor& ql_nope_t, const Tensor& q_pe_t, const Tensor& q_out_t,
+                const std::optional<Tensor>& scale_t) {
   const Meta ql_nope(ql_nope_t, "ql_nope"), q_pe(q_pe_t, "q_pe"), q_out(q_out_t, "q_out");
   // Kernels read 2-byte elements; any other width would be copied wrongly, so it never gets in.
   const ScalarType dtype = ql_nope.dtype;
@@ -196,4 +209,44 @@ void check_concat_mla_q_args(const Tensor& ql_nope_t, const Tensor& q_pe_t, cons
   check_no_overlap(op, out, q_out, ql_nope);
   check_no_overlap(op, out, q_out, q_pe);
   if (scale) check_no_overlap(op, out, q_out, *scale);
+}
+
+}  // namespace
+
+void check_inference_only(const char* op, std::initializer_list<OpArg> args) {
+  // Engines call the ops under no_grad or inference_mode: there this is one thread-local read.
+  if (!aoti_torch_grad_mode_is_enabled()) return;
+  // The stable ABI reads neither requires_grad nor is_inference nor bumps a version, so a Python
+  // kernel does (vllm_mla_ops/_library.py): it returns the index of the first tensor that requires
+  // grad and of the first written inference tensor (-1 for none), and bumps the written tensors'
+  // versions when both are -1.
+  std::vector<std::optional<Tensor>> tensors;
+  int64_t written = 0;
+  for (const OpArg& arg : args) {
+    if (arg.written) written |= int64_t{1} << tensors.size();
+    tensors.push_back(arg.tensor ? std::optional<Tensor>(*arg.tensor) : std::nullopt);
+  }
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(tensors), torch::stable::detail::from(written)};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher("_C::_grad_mode_guard", "", stack.data(), TORCH_ABI_VERSION));
+  const auto requires_grad = torch::stable::detail::to<int64_t>(stack[0]);
+  const auto inference = torch::stable::detail::to<int64_t>(stack[1]);
+  const auto name = [&](int64_t i) { return args.begin()[i].name; };
+  MLA_CHECK(requires_grad < 0, op, " is inference-only (no autograd formula): got ", name(requires_grad),
+            " with requires_grad=True; call it under torch.no_grad() or torch.inference_mode(), or pass detached "
+            "tensors");
+  MLA_CHECK(inference < 0, op, ": ", name(inference),
+            " is an inference tensor (created under torch.inference_mode()) and cannot be written outside inference "
+            "mode; call the op under torch.inference_mode() or pass a ", name(inference), " created outside it");
+}
+
+void check_concat_mla_q_args(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
+                             const std::optional<Tensor>& scale) {
+  const char* op = scale ? "concat_mla_q_fp8" : "concat_mla_q";
+  const std::initializer_list<OpArg> args{
+      {"ql_nope", &ql_nope, false}, {"q_pe", &q_pe, false}, {"q_out", &q_out, true},
+      {"scale", scale ? &*scale : nullptr, false}};
+  check_defined(op, args);
+  check_args(op, ql_nope, q_pe, q_out, scale);
+  check_inference_only(op, args);
 }

@@ -3,9 +3,10 @@
 // stable ABI only, so one library file serves every torch from the floor it targets up.
 //
 // A fragment, not a full library: another extension (vLLM's own _C, for one) may already own the _C
-// namespace in this process, and a fragment adds to it instead of claiming it. The Autograd kernel
-// (inference-only) and the fakes are registered from Python (vllm_mla_ops/_library.py): the stable
-// ABI offers no grad-mode or version-counter calls.
+// namespace in this process, and a fragment adds to it instead of claiming it. The fakes, the
+// Autograd fallthrough and the grad-mode guard's kernel are registered from Python
+// (vllm_mla_ops/_library.py): the stable ABI reads grad mode but no requires_grad flag, and bumps
+// no version counter.
 #include <Python.h>
 #include <torch/csrc/stable/library.h>
 
@@ -14,6 +15,9 @@
 STABLE_TORCH_LIBRARY_FRAGMENT(_C, m) {
   m.def("concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()");
   m.def("concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()");
+  // Called by the ops' validator in grad mode only (check_inference_only in ops.h); its kernel is
+  // Python's (vllm_mla_ops/_library.py). Bit i of `written` marks tensors[i] as written by the op.
+  m.def("_grad_mode_guard(Tensor?[] tensors, int written) -> (int, int)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(_C, CPU, m) {

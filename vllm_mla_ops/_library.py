@@ -1,7 +1,11 @@
 """What the ops register from Python, next to the C++ kernels: the fake implementations (for
-torch.compile and fake tensors), the inference-only guard with the version bump, the kernel for
-arguments that carry torch's negative or conjugate bit, and a clear error for nested tensors. The
-stable ABI the C++ side is built on offers no grad-mode or version-counter calls, so these live here.
+torch.compile and fake tensors), the kernel of the grad-mode guard the C++ validator calls, an
+Autograd fallthrough, the kernel for arguments that carry torch's negative or conjugate bit, and a
+clear error for nested tensors.
+
+An eager call of an op runs no Python outside grad mode: the Autograd key falls through to the C++
+kernel, whose validator calls ``_C::_grad_mode_guard`` (below) only when grad mode is on, because the
+stable ABI reads grad mode but no requires_grad flag and bumps no version counter.
 
 The fakes mirror the C++ validator (csrc/concat_mla_q_checks.cpp) check for check and message for
 message, so a bad call fails at trace time with the error eager mode gives. Storage bounds and
@@ -19,10 +23,17 @@ _DispatchKey = torch._C.DispatchKey
 _MATH_BIT_KEYS = torch._C.DispatchKeySet(_DispatchKey.Negative).add(_DispatchKey.Conjugate)
 
 
+def _check_defined(op: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        torch._check(t is not None, lambda name=name: f"{op}: {name} must be a tensor, got None")
+
+
 def _check_args(
-    ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor, scale: torch.Tensor | None = None
+    ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor, scale: torch.Tensor | None = None,
+    op: str = "concat_mla_q",
 ) -> None:
-    op = "concat_mla_q" if scale is None else "concat_mla_q_fp8"
+    fp8 = op == "concat_mla_q_fp8"
+    _check_defined(op, ql_nope=ql_nope, q_pe=q_pe, q_out=q_out, **({"scale": scale} if fp8 else {}))
     torch._check(
         ql_nope.dtype in (torch.float16, torch.bfloat16),
         lambda: f"{op}: ql_nope must be float16 or bfloat16 dtype, got {ql_nope.dtype}",
@@ -36,7 +47,7 @@ def _check_args(
             f"{op}: {name} must be 3-D {dims}, got {t.dim()}-D with shape {list(t.shape)}"))
     torch._check(q_pe.dtype == ql_nope.dtype, lambda: (
         f"{op}: q_pe must have ql_nope's dtype {ql_nope.dtype}, got {q_pe.dtype}"))
-    if scale is None:
+    if not fp8:
         torch._check(q_out.dtype == ql_nope.dtype, lambda: (
             f"{op}: q_out must have ql_nope's dtype {ql_nope.dtype}, got {q_out.dtype}"))
     else:
@@ -59,7 +70,7 @@ def _check_args(
         lambda: (f"{op}: q_out must be [tokens, heads, nope_dim + rope_dim] = "
                  f"[{tokens}, {heads}, {nope_dim + rope_dim}], got shape {list(q_out.shape)}"),
     )
-    if scale is not None:
+    if fp8:
         torch._check(scale.dtype == torch.float32,
                      lambda: f"{op}: scale must be a torch.float32 tensor, got {scale.dtype}")
         torch._check(scale.numel() == 1, lambda: (
@@ -68,56 +79,61 @@ def _check_args(
             f"{op}: scale must be on ql_nope's device {ql_nope.device}, got {scale.device}"))
 
 
+def _check_inference_only(op: str, **tensors: torch.Tensor | None) -> None:
+    """The grad-mode half of check_inference_only (csrc/ops.h) that a fake tensor can answer: under
+    torch.compile, autograd traces the graph in grad mode through the fakes, while the compiled
+    forward later runs the kernel with grad mode off."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            torch._check(t is None or not t.requires_grad, lambda name=name: (
+                f"{op} is inference-only (no autograd formula): got {name} with requires_grad=True; call it under "
+                "torch.no_grad() or torch.inference_mode(), or pass detached tensors"))
+
+
 @torch.library.register_fake("_C::concat_mla_q")
 def _concat_mla_q_fake(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor) -> None:
     _check_args(ql_nope, q_pe, q_out)
+    _check_inference_only("concat_mla_q", ql_nope=ql_nope, q_pe=q_pe, q_out=q_out)
 
 
 @torch.library.register_fake("_C::concat_mla_q_fp8")
 def _concat_mla_q_fp8_fake(ql_nope: torch.Tensor, q_pe: torch.Tensor, q_out: torch.Tensor,
                            scale: torch.Tensor) -> None:
-    _check_args(ql_nope, q_pe, q_out, scale)
+    _check_args(ql_nope, q_pe, q_out, scale, op="concat_mla_q_fp8")
+    _check_inference_only("concat_mla_q_fp8", ql_nope=ql_nope, q_pe=q_pe, q_out=q_out, scale=scale)
+
+
+@torch.library.impl("_C::_grad_mode_guard", "CompositeImplicitAutograd", lib=_LIBRARY)
+def _grad_mode_guard(tensors: list[torch.Tensor | None], written: int) -> tuple[int, int]:
+    """The inference-only contract in grad mode, for the C++ validator (check_inference_only in
+    csrc/ops.h), which words the errors: the index of the first tensor that requires grad and of the
+    first written inference tensor (torch forbids writing one outside inference mode), -1 for none.
+    When both are -1, the written tensors' versions are bumped, as torch's in-place ops do, so that
+    autograd sees the write."""
+    requires_grad = next((i for i, t in enumerate(tensors) if t is not None and t.requires_grad), -1)
+    outputs = [(i, t) for i, t in enumerate(tensors) if written >> i & 1 and t is not None]
+    inference = next((i for i, t in outputs if t.is_inference()), -1)
+    if requires_grad < 0 and inference < 0:
+        torch._C._increment_version([t for _, t in outputs])
+    return requires_grad, inference
 
 
 def _register(name: str) -> None:
     op = getattr(torch.ops._C, name).default
-    arg_names = [a.name for a in op._schema.arguments]
-
-    def guard(keyset, *args):
-        """The ops have no derivative formula: in grad mode a tensor that requires grad is an error,
-        not a silently wrong gradient. torch forbids writing an inference tensor outside inference
-        mode. Both are refused before the kernel runs, so nothing is written on an error; after it,
-        q_out's version is bumped so that autograd sees the in-place write, as for torch's own ops.
-
-        Registered at ADInplaceOrView (where torch's own ops bump versions): outside inference mode
-        every call passes it, inference tensors included; inside it, calls on normal tensors pass it
-        (their versions are bumped, as torch does) and calls on inference tensors do not."""
-        if torch.is_grad_enabled():
-            for arg_name, arg in zip(arg_names, args):
-                if isinstance(arg, torch.Tensor) and arg.requires_grad:
-                    raise RuntimeError(
-                        f"{name} is inference-only (no autograd formula): got {arg_name} with "
-                        "requires_grad=True; call it under torch.no_grad() or torch.inference_mode(), or "
-                        "pass detached tensors")
-        q_out = args[2]
-        if q_out.is_inference() and not torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"{name}: q_out is an inference tensor (created under torch.inference_mode()) and cannot "
-                "be written outside inference mode; call the op under torch.inference_mode() or pass a "
-                "q_out created outside it")
-        op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
-        torch._C._increment_version((q_out,))
+    written = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
 
     def math_bits(keyset, *args):
         """Views with the negative or conjugate bit (x.conj().imag, torch._neg_view): inputs are
-        read through their resolved values; q_out cannot be written through such a view."""
-        q_out = args[2]
-        if q_out.is_neg() or q_out.is_conj():
-            raise RuntimeError(
-                f"{name}: q_out must not carry the negative or conjugate bit (a view such as "
-                f"x.conj().imag), got one with is_neg()={q_out.is_neg()} and is_conj()={q_out.is_conj()}; "
-                "write into a plain tensor and copy from it")
-        resolved = [a.resolve_conj().resolve_neg() if isinstance(a, torch.Tensor) and i != 2 else a
+        read through their resolved values; an output cannot be written through such a view."""
+        for i in written:
+            out = args[i]
+            if isinstance(out, torch.Tensor) and (out.is_neg() or out.is_conj()):
+                arg_name = op._schema.arguments[i].name
+                raise RuntimeError(
+                    f"{name}: {arg_name} must not carry the negative or conjugate bit (a view such as "
+                    f"x.conj().imag), got one with is_neg()={out.is_neg()} and is_conj()={out.is_conj()}; "
+                    "write into a plain tensor and copy from it")
+        resolved = [a.resolve_conj().resolve_neg() if isinstance(a, torch.Tensor) and i not in written else a
                     for i, a in enumerate(args)]
         op.redispatch(keyset - _MATH_BIT_KEYS, *resolved)
 
@@ -125,9 +141,9 @@ def _register(name: str) -> None:
         raise RuntimeError(f"{name}: nested tensors are not supported; pass dense [tokens, heads, dim] "
                            "tensors (for example nt.to_padded_tensor(0))")
 
-    # The Autograd key falls through to `guard`: one Python layer per eager call, not two.
+    # No Python on the eager path: Autograd falls through (ADInplaceOrView has torch's fallthrough)
+    # to the C++ kernel, which checks the inference-only contract itself in grad mode.
     _LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
-    _LIBRARY.impl(name, guard, "ADInplaceOrView", with_keyset=True)
     _LIBRARY.impl(name, math_bits, "Negative", with_keyset=True)
     _LIBRARY.impl(name, math_bits, "Conjugate", with_keyset=True)
     _LIBRARY.impl(name, nested, "NestedTensorCPU")
