@@ -11,7 +11,10 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <limits>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "dispatch_utils.h"
 #include "ops.h"
@@ -136,6 +139,7 @@ struct Rows {
   int64_t nope_dim, rope_dim;
   int64_t inner;     // rows along the inner dim of the walk
   bool heads_outer;  // walk head-major (the decode layout's ql_nope order) instead of token-major
+  bool copy_nope;    // false when ql_nope is q_out's nope half already
 };
 
 // Rows [begin, end) of the walk: one division, then the rows advance along the inner dim.
@@ -146,7 +150,7 @@ template <typename scalar_t, typename out_t, typename RowOp>
   for (int64_t row = begin; row < end; ++row) {
     const int64_t t = r.heads_outer ? i : o, h = r.heads_outer ? o : i;
     out_t* out_row = r.out + t * r.out_s0 + h * r.out_s1;
-    row_op(out_row, r.out_s2, r.nope + t * r.nope_s0 + h * r.nope_s1, r.nope_s2, r.nope_dim);
+    if (r.copy_nope) row_op(out_row, r.out_s2, r.nope + t * r.nope_s0 + h * r.nope_s1, r.nope_s2, r.nope_dim);
     row_op(out_row + r.nope_dim * r.out_s2, r.out_s2, r.pe + t * r.pe_s0 + h * r.pe_s1, r.pe_s2, r.rope_dim);
     if (++i == r.inner) {
       i = 0;
@@ -157,7 +161,7 @@ template <typename scalar_t, typename out_t, typename RowOp>
 }
 
 template <typename scalar_t, typename out_t, typename RowOp>
-void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const RowOp& row_op) {
+void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const RowOp& row_op, bool copy_nope) {
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
   Rows<scalar_t, out_t> r{static_cast<const scalar_t*>(ql_nope.const_data_ptr()),
                           static_cast<const scalar_t*>(q_pe.const_data_ptr()),
@@ -165,7 +169,7 @@ void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
                           ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
                           q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
                           q_out.stride(0), q_out.stride(1), q_out.stride(2),
-                          ql_nope.size(2), q_pe.size(2), 0, false};
+                          ql_nope.size(2), q_pe.size(2), 0, false, copy_nope};
   // Rows go in q_out's order (token-major) while the call's bytes fit in the cache, else in ql_nope's
   // memory order (it is most of the bytes read from memory): head-major for the decode layout, where
   // ql_nope is a transposed [heads, tokens, nope] bmm output.
@@ -178,14 +182,151 @@ void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
                               [&](int64_t begin, int64_t end) { run_rows(r, row_op, begin, end); });
 }
 
+// x / scale into e4m3fn, saturating: vLLM's fp8 KV-cache write, a division where the query's
+// quantization multiplies by the reciprocal.
+struct QuantizeDivRow {
+  float scale;
+  void finish() const {}
+  template <typename scalar_t>
+  void operator()(uint8_t* dst, int64_t dst_stride, const scalar_t* src, int64_t src_stride, int64_t n) const {
+    constexpr float kMax = 448.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      float x = static_cast<float>(src[i * src_stride]) / scale;
+      x = x > kMax ? kMax : (x < -kMax ? -kMax : x);
+      dst[i * dst_stride] = e4m3fn_bits(x);
+    }
+  }
+};
+
+// The rotation of one token's rope row: pair i is (x[2i], x[2i + 1]) or, NeoX style, (x[i],
+// x[i + half]), turned by c = cache[pos, i] and s = cache[pos, half + i]. Each product is rounded to
+// float32 on its own (this file is built with -ffp-contract=off, so no multiply-add is fused), the
+// sum once more, then once to scalar_t. A position outside the cache turns by NaN.
+template <typename scalar_t>
+struct Rotation {
+  const void* cache;
+  bool cache_is_float;  // else scalar_t
+  int64_t cache_s0, cache_s1, max_position, half;
+  bool neox;
+
+  float at(int64_t pos, int64_t col) const {
+    const int64_t offset = pos * cache_s0 + col * cache_s1;
+    return cache_is_float ? static_cast<const float*>(cache)[offset]
+                          : static_cast<float>(static_cast<const scalar_t*>(cache)[offset]);
+  }
+  void operator()(scalar_t* dst, const scalar_t* x, int64_t x_stride, int64_t pos) const {
+    const bool valid = pos >= 0 && pos < max_position;
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = valid ? at(pos, i) : std::numeric_limits<float>::quiet_NaN();
+      const float s = valid ? at(pos, half + i) : std::numeric_limits<float>::quiet_NaN();
+      const int64_t ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+      const float a = static_cast<float>(x[ia * x_stride]), b = static_cast<float>(x[ib * x_stride]);
+      const float ac = a * c, bs = b * s, bc = b * c, as = a * s;
+      dst[ia] = static_cast<scalar_t>(ac - bs);
+      dst[ib] = static_cast<scalar_t>(bc + as);
+    }
+  }
+};
+
+// Where one call's rows are; element strides. Rows [0, tokens * heads) are the query's (token-major),
+// rows [tokens * heads, tokens * (heads + 1)) the cache rows of the K side, one a token.
+template <typename scalar_t, typename q_t, typename k_t>
+struct RopeRows {
+  const scalar_t *nope, *pe, *kv_c, *k_pe;
+  const int64_t *positions, *slots;
+  q_t* out;
+  k_t* cache;
+  int64_t nope_s0, nope_s1, nope_s2, pe_s0, pe_s1, pe_s2, out_s0, out_s1, out_s2;
+  int64_t kv_c_s0, kv_c_s1, k_pe_s0, k_pe_s1, cache_s0, cache_s1, cache_s2;
+  int64_t positions_s0, slots_s0, tokens, heads, nope_dim, kv_dim, rope_dim, block_size, num_slots;
+  bool copy_nope;
+};
+
+template <typename scalar_t, typename q_t, typename k_t, typename QOp, typename KOp>
+void run_rope_rows(const RopeRows<scalar_t, q_t, k_t>& r, const Rotation<scalar_t>& rotate, const QOp& q_op,
+                   const KOp& k_op, int64_t begin, int64_t end) {
+  std::vector<scalar_t> rotated(static_cast<size_t>(r.rope_dim));
+  for (int64_t row = begin; row < end; ++row) {
+    if (row < r.tokens * r.heads) {
+      const int64_t t = row / r.heads, h = row % r.heads;
+      q_t* out_row = r.out + t * r.out_s0 + h * r.out_s1;
+      if (r.copy_nope) q_op(out_row, r.out_s2, r.nope + t * r.nope_s0 + h * r.nope_s1, r.nope_s2, r.nope_dim);
+      rotate(rotated.data(), r.pe + t * r.pe_s0 + h * r.pe_s1, r.pe_s2, r.positions[t * r.positions_s0]);
+      q_op(out_row + r.nope_dim * r.out_s2, r.out_s2, rotated.data(), int64_t{1}, r.rope_dim);
+    } else {
+      const int64_t t = row - r.tokens * r.heads, slot = r.slots[t * r.slots_s0];
+      if (slot < 0 || slot >= r.num_slots) continue;  // padding, or a slot past the cache: nothing written
+      k_t* cache_row = r.cache + (slot / r.block_size) * r.cache_s0 + (slot % r.block_size) * r.cache_s1;
+      k_op(cache_row, r.cache_s2, r.kv_c + t * r.kv_c_s0, r.kv_c_s1, r.kv_dim);
+      rotate(rotated.data(), r.k_pe + t * r.k_pe_s0, r.k_pe_s1, r.positions[t * r.positions_s0]);
+      k_op(cache_row + r.kv_dim * r.cache_s2, r.cache_s2, rotated.data(), int64_t{1}, r.rope_dim);
+    }
+  }
+  q_op.finish();
+  k_op.finish();
+}
+
+template <typename scalar_t, typename q_t, typename k_t, typename QOp, typename KOp>
+void rope_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& positions, const Tensor& cos_sin_cache,
+               bool is_neox, const Tensor& q_out, const std::optional<Tensor>& kv_c, const std::optional<Tensor>& k_pe,
+               const std::optional<Tensor>& kv_cache, const std::optional<Tensor>& slot_mapping, bool copy_nope,
+               const QOp& q_op, const KOp& k_op) {
+  const int64_t tokens = q_out.size(0), heads = q_out.size(1), rope_dim = q_pe.size(2);
+  RopeRows<scalar_t, q_t, k_t> r{};
+  r.nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
+  r.pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
+  r.positions = static_cast<const int64_t*>(positions.const_data_ptr());
+  r.out = static_cast<q_t*>(q_out.mutable_data_ptr());
+  r.nope_s0 = ql_nope.stride(0), r.nope_s1 = ql_nope.stride(1), r.nope_s2 = ql_nope.stride(2);
+  r.pe_s0 = q_pe.stride(0), r.pe_s1 = q_pe.size(1) == 1 ? 0 : q_pe.stride(1), r.pe_s2 = q_pe.stride(2);
+  r.out_s0 = q_out.stride(0), r.out_s1 = q_out.stride(1), r.out_s2 = q_out.stride(2);
+  r.positions_s0 = positions.stride(0);
+  r.tokens = tokens, r.heads = heads, r.nope_dim = ql_nope.size(2), r.rope_dim = rope_dim;
+  r.copy_nope = copy_nope;
+  int64_t rows = tokens * heads;
+  if (kv_cache) {
+    r.kv_c = static_cast<const scalar_t*>(kv_c->const_data_ptr());
+    r.k_pe = static_cast<const scalar_t*>(k_pe->const_data_ptr());
+    r.slots = static_cast<const int64_t*>(slot_mapping->const_data_ptr());
+    r.cache = static_cast<k_t*>(kv_cache->mutable_data_ptr());
+    r.kv_c_s0 = kv_c->stride(0), r.kv_c_s1 = kv_c->stride(1);
+    r.k_pe_s0 = k_pe->stride(0), r.k_pe_s1 = k_pe->stride(k_pe->dim() - 1);
+    r.cache_s0 = kv_cache->stride(0), r.cache_s1 = kv_cache->stride(1), r.cache_s2 = kv_cache->stride(2);
+    r.slots_s0 = slot_mapping->stride(0);
+    r.kv_dim = kv_c->size(1), r.block_size = kv_cache->size(1), r.num_slots = kv_cache->size(0) * kv_cache->size(1);
+    rows += tokens;
+  }
+  const Rotation<scalar_t> rotate{cos_sin_cache.const_data_ptr(),
+                                  cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float,
+                                  cos_sin_cache.stride(0), cos_sin_cache.stride(1), cos_sin_cache.size(0),
+                                  rope_dim / 2, is_neox};
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + rope_dim));
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    run_rope_rows(r, rotate, q_op, k_op, begin, end);
+  });
+}
+
+// positions and slot_mapping as host vectors, for the checked mode.
+std::vector<int64_t> host_indices(const std::optional<Tensor>& t) {
+  std::vector<int64_t> values;
+  if (!t) return values;
+  const auto* data = static_cast<const int64_t*>(t->const_data_ptr());
+  for (int64_t i = 0; i < t->size(0); ++i) values.push_back(data[i * t->stride(0)]);
+  return values;
+}
+
+float scale_value(const std::optional<Tensor>& scale) {
+  return scale ? *static_cast<const float*>(scale->const_data_ptr()) : 1.0f;
+}
+
 }  // namespace
 
 void concat_mla_q_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
-  check_concat_mla_q_args(ql_nope, q_pe, q_out);
+  const bool nope_in_place = check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
     const bool stream = q_out.numel() * int64_t{sizeof(scalar_t)} >= cache_bytes();
-    concat_rows<scalar_t, scalar_t>(ql_nope, q_pe, q_out, CopyRow{stream});
+    concat_rows<scalar_t, scalar_t>(ql_nope, q_pe, q_out, CopyRow{stream}, !nope_in_place);
   });
 }
 
@@ -194,6 +335,40 @@ void concat_mla_q_fp8_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out, Tensor scal
   if (q_out.numel() == 0) return;
   const QuantizeRow quantize{1.0f / *static_cast<const float*>(scale.const_data_ptr())};
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
-    concat_rows<scalar_t, uint8_t>(ql_nope, q_pe, q_out, quantize);
+    concat_rows<scalar_t, uint8_t>(ql_nope, q_pe, q_out, quantize, true);
+  });
+}
+
+void concat_mla_rope_cpu(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor cos_sin_cache, bool is_neox,
+                         Tensor q_out, std::optional<Tensor> q_scale, std::optional<Tensor> kv_c,
+                         std::optional<Tensor> k_pe, std::optional<Tensor> kv_cache,
+                         std::optional<Tensor> slot_mapping, std::optional<Tensor> k_scale) {
+  const bool nope_in_place = check_concat_mla_rope_args(ql_nope, q_pe, positions, cos_sin_cache, q_out, q_scale, kv_c,
+                                                        k_pe, kv_cache, slot_mapping, k_scale);
+  if (check_indices_requested()) {
+    check_rope_indices("concat_mla_rope", host_indices(positions), cos_sin_cache.size(0), host_indices(slot_mapping),
+                       kv_cache ? kv_cache->size(0) * kv_cache->size(1) : 0);
+  }
+  if (q_out.numel() == 0 && !(kv_cache && kv_cache->numel() > 0)) return;
+  const bool copy_nope = !nope_in_place;
+  const CopyRow copy{false};
+  const QuantizeRow q_quantize{1.0f / scale_value(q_scale)};
+  const QuantizeDivRow k_quantize{scale_value(k_scale)};
+  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
+    const auto with_k = [&](auto q_t, const auto& q_op) {
+      using Q = decltype(q_t);
+      if (k_scale) {
+        rope_rows<scalar_t, Q, uint8_t>(ql_nope, q_pe, positions, cos_sin_cache, is_neox, q_out, kv_c, k_pe,
+                                        kv_cache, slot_mapping, copy_nope, q_op, k_quantize);
+      } else {
+        rope_rows<scalar_t, Q, scalar_t>(ql_nope, q_pe, positions, cos_sin_cache, is_neox, q_out, kv_c, k_pe,
+                                         kv_cache, slot_mapping, copy_nope, q_op, copy);
+      }
+    };
+    if (q_scale) {
+      with_k(uint8_t{}, q_quantize);
+    } else {
+      with_k(scalar_t{}, copy);
+    }
   });
 }

@@ -15,6 +15,10 @@
 STABLE_TORCH_LIBRARY_FRAGMENT(_C, m) {
   m.def("concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()");
   m.def("concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()");
+  m.def(
+      "concat_mla_rope(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor cos_sin_cache, bool is_neox, "
+      "Tensor(a!) q_out, Tensor? q_scale, Tensor? kv_c, Tensor? k_pe, Tensor(b!)? kv_cache, Tensor? slot_mapping, "
+      "Tensor? k_scale) -> ()");
   // Called by the ops' validator in grad mode only (check_inference_only in ops.h); its kernel is
   // Python's (vllm_mla_ops/_library.py). Bit i of `written` marks tensors[i] as written by the op.
   m.def("_grad_mode_guard(Tensor?[] tensors, int written) -> (int, int)");
@@ -23,6 +27,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(_C, m) {
 STABLE_TORCH_LIBRARY_IMPL(_C, CPU, m) {
   m.impl("concat_mla_q", TORCH_BOX(&concat_mla_q_cpu));
   m.impl("concat_mla_q_fp8", TORCH_BOX(&concat_mla_q_fp8_cpu));
+  m.impl("concat_mla_rope", TORCH_BOX(&concat_mla_rope_cpu));
 }
 
 // Importing vllm_mla_ops._C loads this library, whose static initializers above register the ops;

@@ -1,5 +1,7 @@
-"""vllm_mla_ops: the MLA query concat as PyTorch custom ops, ``torch.ops._C.concat_mla_q`` and its
-fused FP8 form ``torch.ops._C.concat_mla_q_fp8``.
+"""vllm_mla_ops: MLA query and key preparation as PyTorch custom ops: the query concat
+``torch.ops._C.concat_mla_q``, its fused FP8 form ``torch.ops._C.concat_mla_q_fp8``, and
+``torch.ops._C.concat_mla_rope``, RoPE + the query concat (+fp8) + the paged KV-cache write (+fp8)
+in one kernel.
 
 Importing this package loads the compiled libraries, which register the ops under ``_C`` for CPU
 (and CUDA, when built with it and torch has CUDA). Model code calls either the raw ops, which write
@@ -22,7 +24,7 @@ _BUILD_INFO = load_extension(__name__, str(Path(__file__).resolve().parent))
 from . import _library  # noqa: E402,F401  (fakes, Autograd and math-bit kernels; needs the ops loaded)
 
 __version__: str = _BUILD_INFO["version"]
-__all__ = ["__version__", "build_info", "concat_mla_q", "concat_mla_q_fp8"]
+__all__ = ["__version__", "build_info", "concat_mla_q", "concat_mla_q_fp8", "concat_mla_rope"]
 
 
 def build_info() -> dict:
@@ -114,4 +116,81 @@ def concat_mla_q_fp8(
     else:
         _check_tensors("concat_mla_q_fp8", out=out)
     torch.ops._C.concat_mla_q_fp8.default(ql_nope, q_pe, out, scale)
+    return out
+
+
+def concat_mla_rope(
+    ql_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    is_neox: bool = False,
+    q_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    kv_c: torch.Tensor | None = None,
+    k_pe: torch.Tensor | None = None,
+    kv_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One MLA layer's query and key preparation in one kernel: RoPE of ``q_pe`` and ``k_pe``, the
+    query ``[ql_nope | rope(q_pe)]`` (quantized to float8_e4m3fn with ``q_scale``), and the paged
+    KV-cache write ``[kv_c | rope(k_pe)]`` (quantized with ``k_scale``).
+
+    RoPE: pair i of a rope row is ``(x[2i], x[2i + 1])`` (``is_neox=False``, GPT-J style, DeepSeek's)
+    or ``(x[i], x[i + rope_dim / 2])`` (NeoX), turned by ``c = cos_sin_cache[pos, i]`` and
+    ``s = cos_sin_cache[pos, rope_dim / 2 + i]``: ``x' = x*c - y*s``, ``y' = y*c + x*s`` in float32,
+    each product rounded on its own, then rounded once to the inputs' dtype. ``q_scale``: the
+    rounded row as ``concat_mla_q_fp8`` quantizes it (times ``1 / q_scale``); ``k_scale``: divided by
+    ``k_scale``, as vLLM's fp8 KV cache is written. ``vllm_mla_ops.testing.reference_rope`` is the
+    reference, bit for bit (a NaN result may be any NaN).
+
+    Index semantics (``positions`` and ``slot_mapping`` are read on the device, never on the host):
+    a position outside ``[0, max_position)`` rotates its token by NaN (its rope values are NaN, its
+    other values written as usual); a slot outside ``[0, num_blocks * block_size)`` (negative:
+    padding) writes no cache row. Nothing outside the tensors is ever read or written. Two tokens
+    with one slot both write that row, which may then mix their bytes. With the environment
+    variable ``VLLM_MLA_OPS_CHECK_INDICES=1`` every call first copies the indices to the host (a
+    synchronization) and raises on the first position out of range, slot past the cache or slot
+    written twice, before anything is written.
+
+    Args:
+        ql_nope: ``[tokens, heads, nope_dim]``, float16 or bfloat16, any strides. When it is exactly
+            ``out[..., :nope_dim]`` (a bmm wrote its product there) only the rope half is written.
+        q_pe: ``[tokens, heads or 1, rope_dim]``, not rotated yet, ``ql_nope``'s dtype; rope_dim even.
+        positions: ``[tokens]`` int64 on the inputs' device.
+        cos_sin_cache: ``[max_position, rope_dim]``, float32 or the inputs' dtype; cos in the first
+            half of a row, sin in the second.
+        is_neox: the pairing of rope elements (above).
+        q_scale: one float32 element, read on the device: the query is quantized to float8_e4m3fn.
+        out: ``[tokens, heads, nope_dim + rope_dim]``, the inputs' dtype (float8_e4m3fn with
+            ``q_scale``), any strides that address each element once. ``None`` allocates one.
+        kv_c, k_pe, kv_cache, slot_mapping: the K side, all or none: ``kv_c`` ``[tokens, kv_dim]``,
+            ``k_pe`` ``[tokens, rope_dim]`` or ``[tokens, 1, rope_dim]`` (not rotated),
+            ``kv_cache`` ``[num_blocks, block_size, kv_dim + rope_dim]`` (the inputs' dtype, or
+            float8_e4m3fn with ``k_scale``), ``slot_mapping`` ``[tokens]`` int64.
+        k_scale: one float32 element, read on the device, for a float8_e4m3fn ``kv_cache``.
+
+    Returns:
+        ``out``, or the tensor allocated when it is ``None`` (float8_e4m3fn when ``q_scale`` is given).
+
+    Raises:
+        TypeError: an argument that should be a tensor is not one (``None`` where one is required).
+        RuntimeError: any other bad dtype, rank, shape, device, storage bound or overlap (an output
+            with any input or with the other output), an incomplete K side, a scale without its fp8
+            output or the reverse; in grad mode an argument with ``requires_grad=True`` or an
+            inference tensor to write; in the checked mode a bad index. Always before anything is
+            written (docs/errors.md lists every message).
+    """
+    op = "concat_mla_rope"
+    _check_tensors(op, ql_nope=ql_nope, q_pe=q_pe, positions=positions, cos_sin_cache=cos_sin_cache)
+    optional = dict(q_scale=q_scale, out=out, kv_c=kv_c, k_pe=k_pe, kv_cache=kv_cache, slot_mapping=slot_mapping,
+                    k_scale=k_scale)
+    _check_tensors(op, **{name: value for name, value in optional.items() if value is not None})
+    if out is None:
+        dtype = ql_nope.dtype if q_scale is None else torch.float8_e4m3fn
+        out = ql_nope.new_empty(_out_shape(ql_nope, q_pe), dtype=dtype)
+    torch.ops._C.concat_mla_rope.default(ql_nope, q_pe, positions, cos_sin_cache, is_neox, out, q_scale, kv_c, k_pe,
+                                         kv_cache, slot_mapping, k_scale)
     return out

@@ -9,8 +9,11 @@ results the same way:
   buffer of fresh random bits (its gaps are random too). ``shifted`` and ``strided_last_dim`` make
   builders for any offset, row pitch and last-dim step.
 * ``engine_inputs``: the layouts inference engines hand to the ops.
-* ``reference``, ``reference_fp8``: what the ops must write, from ``torch.cat``.
-* ``assert_bitwise_equal``, ``assert_fp8_equal``: the comparisons of the ops' contracts.
+* ``reference``, ``reference_fp8``: what the concat ops must write, from ``torch.cat``;
+  ``reference_rope`` (with ``rope_reference`` and ``quantize_kv_fp8``): what ``concat_mla_rope``
+  must write, from torch's eager float32 arithmetic.
+* ``assert_bitwise_equal``, ``assert_fp8_equal``, ``assert_equal_or_both_nan``: the comparisons of
+  the ops' contracts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "contiguous", "heads_major", "split_of_wider", "one_head", "heads_stride_0", "token_stride_0",
     "last_dim_stride_2", "inside_bigger", "nope_of_kv", "rope_of_latent", "shifted", "strided_last_dim",
     "ENGINE_CASES", "engine_inputs", "reference", "reference_fp8", "assert_bitwise_equal", "assert_fp8_equal",
+    "rope_reference", "quantize_kv_fp8", "reference_rope", "assert_equal_or_both_nan",
 ]
 
 Layout = Callable[[Sequence[int], torch.dtype, "str | torch.device"], torch.Tensor]
@@ -207,5 +211,88 @@ def assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "
     a, e = bits(actual), bits(expected.to(actual.device))
     e_nan, a_nan = (e & 0x7F) == 0x7F, (a & 0x7F) == 0x7F
     differ = (e_nan != a_nan) | (~e_nan & (a != e))
+    if bool(differ.any()):
+        raise AssertionError(_difference(what, a, e, differ))
+
+
+# ------------------------------------------------------------------- concat_mla_rope references
+
+
+def rope_reference(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   is_neox: bool) -> torch.Tensor:
+    """``x`` ``[T, H, rope_dim]`` (or ``[T, rope_dim]``) rotated by the rows ``positions`` of
+    ``cos_sin_cache`` (``[max_position, rope_dim]``: cos in the first half of a row, sin in the
+    second), in ``x``'s dtype, contiguous.
+
+    Pair i is ``(x[2i], x[2i + 1])`` (GPT-J style, ``is_neox=False``) or ``(x[i], x[i + rope_dim/2])``
+    (NeoX), with ``c = cache[pos, i]``, ``s = cache[pos, rope_dim/2 + i]``:
+    ``x' = x*c - y*s``, ``y' = y*c + x*s`` in float32, each product rounded on its own (torch's eager
+    ops round each one; no fused multiply-add), then one rounding to ``x``'s dtype. A position
+    outside ``[0, max_position)`` rotates by NaN: the token's rotated values are NaN."""
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(1)
+    half = x.shape[-1] // 2
+    valid = (positions >= 0) & (positions < cos_sin_cache.shape[0])
+    rows = cos_sin_cache[positions.clamp(0, cos_sin_cache.shape[0] - 1)].float()
+    rows = torch.where(valid[:, None], rows, torch.full_like(rows, float("nan")))
+    cos, sin = rows[:, None, :half], rows[:, None, half:]
+    xf = x.float()
+    a, b = (xf[..., :half], xf[..., half:]) if is_neox else (xf[..., 0::2], xf[..., 1::2])
+    a_out = (a * cos - b * sin).to(x.dtype)
+    b_out = (b * cos + a * sin).to(x.dtype)
+    out = torch.cat((a_out, b_out), -1) if is_neox else torch.stack((a_out, b_out), -1).flatten(-2)
+    return out.squeeze(1) if squeeze else out
+
+
+def quantize_kv_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """vLLM's fp8 ("e4m3") KV-cache write: ``float(x) / scale``, saturated to e4m3fn's finite range
+    (NaN stays NaN), rounded to nearest even. A division, where the query quantization multiplies
+    by the reciprocal."""
+    return (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def reference_rope(ql_nope: torch.Tensor, q_pe: torch.Tensor, positions: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, is_neox: bool, q_scale: torch.Tensor | None = None,
+                   kv_c: torch.Tensor | None = None, k_pe: torch.Tensor | None = None,
+                   kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                   k_scale: torch.Tensor | None = None) -> dict:
+    """What ``concat_mla_rope`` writes: ``{"q_out": ..., "kv_cache": ...}`` (``kv_cache`` only with
+    the K side; the whole cache as it must be afterwards, from its current contents).
+
+    q_out = ``[ql_nope | rope(q_pe)]``, quantized as ``reference_fp8`` quantizes when ``q_scale`` is
+    given. Token t's cache row ``kv_cache.view(-1, kv_dim + rope_dim)[slot_mapping[t]]`` =
+    ``[kv_c[t] | rope(k_pe[t])]``, divided by ``k_scale`` into e4m3fn when given
+    (``quantize_kv_fp8``); a slot outside ``[0, num_blocks * block_size)`` (negative: padding)
+    writes nothing. Rotated values that are NaN may be any NaN (``assert_equal_or_both_nan``)."""
+    rotated = rope_reference(q_pe, positions, cos_sin_cache, is_neox)
+    q_out = reference(ql_nope, rotated)
+    result = {"q_out": q_out if q_scale is None else (q_out.float() * q_scale.reciprocal()).clamp(-448, 448).to(
+        torch.float8_e4m3fn)}
+    if kv_cache is not None:
+        k_pe = k_pe.reshape(k_pe.shape[0], k_pe.shape[-1])
+        rows = torch.cat((bits(kv_c), bits(rope_reference(k_pe, positions, cos_sin_cache, is_neox))), -1)
+        rows = rows.view(kv_c.dtype)
+        if k_scale is not None:
+            rows = quantize_kv_fp8(rows, k_scale)
+        cache = kv_cache.clone()
+        flat = cache.view(-1, cache.shape[-1])
+        for t, slot in enumerate(slot_mapping.tolist()):
+            if 0 <= slot < flat.shape[0]:
+                flat[slot] = rows[t]
+        result["kv_cache"] = cache
+    return result
+
+
+def assert_equal_or_both_nan(actual: torch.Tensor, expected: torch.Tensor, what: str = "q_out") -> None:
+    """Same shape and dtype; every element has the expected bits, or both are NaN (NaN payloads and
+    signs are no part of the contract where a value was computed; copied elements are compared bit
+    for bit by the callers' other checks)."""
+    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)}, expected {list(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    expected = expected.to(actual.device)
+    a, e = bits(actual), bits(expected)
+    both_nan = actual.float().isnan() & expected.float().isnan()
+    differ = (a != e) & ~both_nan
     if bool(differ.any()):
         raise AssertionError(_difference(what, a, e, differ))
