@@ -50,7 +50,7 @@ def main() -> int:
     timing, tables = h.host_timing(args), []
     ops = [name for name in CALLS if not name.startswith("torch.")]
     derived = {f"{name} / cat": lambda r, name=name: r[name] / r[BASE] for name in ops}
-    meaning = "<call> / cat: its host time over torch.cat(out=)'s in the same round (below 1: cheaper)"
+    meaning = "<call> / cat: its host time over torch.cat(out=)'s (below 1: cheaper)"
     for dtype, layout, heads, tokens in h.shapes(args, TOKENS, HEADS):
         for n in tokens:
             table = h.Table(f"host time, {dtype} {layout}, {n} tokens x {heads} heads", "mode", derived, meaning,
