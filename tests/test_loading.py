@@ -107,11 +107,11 @@ def test_build_info_and_version():
     assert set(info) == {"version", "target", "torch_floor", "built_with_torch", "cuda", "cuda_arch_list"}
     assert vllm_mla_ops.__version__ == info["version"]
     assert info["version"].endswith("+cpu" if info["target"] == "cpu" else f"+cu{info['cuda'].replace('.', '')}")
-    assert info["torch_floor"] == "2.11"
+    assert re.fullmatch(r"\d+\.\d+", info["torch_floor"]), info
     assert (info["cuda"] is None) == (info["target"] == "cpu") == (info["cuda_arch_list"] is None)
     assert importlib.metadata.version("vllm-mla-ops") == vllm_mla_ops.__version__
     requires = importlib.metadata.requires("vllm-mla-ops") or []
-    assert "torch>=2.11" in requires, requires
+    assert f"torch>={info['torch_floor']}" in requires, requires  # both from setup.py's TORCH_FLOOR
 
 
 def test_extension_is_an_abi3_module_of_the_package():
@@ -197,6 +197,31 @@ def test_missing_extension_raises_import_error_with_rebuild_hint(tmp_path):
     message = import_error(tmp_path, "vllm_mla_ops_noext")
     assert "the compiled extension vllm_mla_ops_noext._C is missing" in message, message
     assert REBUILD in message, message
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["source-tree-only", "source-tree-hides-installed"])
+def test_unbuilt_source_tree_raises_import_error_saying_so(tmp_path, installed):
+    """Importing an unbuilt checkout (setup.py and CMakeLists.txt beside the package folder), e.g.
+    from the checkout after `pip install .`: the message names the source tree, the installed copy
+    it hides if there is one, and both ways out."""
+    tmp_path = tmp_path.resolve()
+    checkout = tmp_path / "checkout"
+    copy_package(checkout / "vllm_mla_ops_src", with_libraries=False)
+    (checkout / "setup.py").touch()
+    (checkout / "CMakeLists.txt").touch()
+    if installed:
+        copy_package(tmp_path / "site" / "vllm_mla_ops_src")
+    result = run_python("""
+        try:
+            import vllm_mla_ops_src
+        except ImportError as error:
+            print("IMPORT-ERROR:", error)
+    """, checkout, extra_path=tmp_path / "site")
+    assert_clean_exit(result)
+    message = result.stdout.split("IMPORT-ERROR:", 1)[1].strip()
+    assert f"importing the source tree at {checkout / 'vllm_mla_ops_src'}, which has no compiled libraries" in message
+    assert ("hides the installed copy at " + str(tmp_path / "site" / "vllm_mla_ops_src") in message) == installed, message
+    assert "Run Python from another directory" in message and f"`{REBUILD}` in {checkout}" in message, message
 
 
 def test_torch_below_the_build_floor_raises_import_error(tmp_path):

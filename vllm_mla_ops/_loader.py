@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -85,6 +87,24 @@ def _registered_by() -> str:
     return "another library (" + torch._C._dispatch_dump(OP_NAME).strip().replace("\n", "; ") + ")"
 
 
+def _missing(package: str, package_dir: Path) -> str:
+    """Why the compiled extension is missing. A source checkout (setup.py and CMakeLists.txt beside
+    the package folder) has none until built in place; Python finds it first when it is the current
+    directory or on PYTHONPATH, ahead of a copy installed with `pip install .`."""
+    root = package_dir.parent
+    if not ((root / "setup.py").is_file() and (root / "CMakeLists.txt").is_file()):
+        return f"vllm_mla_ops: the compiled extension {package}._C is missing from {package_dir}; {REBUILD_HINT}"
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+    installed = importlib.machinery.PathFinder.find_spec(package, elsewhere)
+    message = (f"vllm_mla_ops: importing the source tree at {package_dir}, which has no compiled libraries, not an "
+               "installed package")
+    if installed is not None and installed.origin is not None:
+        message += (f"; it hides the installed copy at {Path(installed.origin).parent} because Python looks in "
+                    f"{root} first (the current directory or PYTHONPATH)")
+    return message + (f". Run Python from another directory to use an installed copy, or build the source tree in "
+                      f"place with `pip install -e .` in {root}")
+
+
 def _checked(path: Path) -> str:
     problem = _elf_problem(path)
     if problem is not None:
@@ -99,7 +119,7 @@ def load_extension(package: str, package_dir: str) -> dict:
     spec = importlib.util.find_spec(name)
     info_path = Path(package_dir) / "_build_info.json"
     if spec is None or spec.origin is None or not info_path.is_file():
-        raise ImportError(f"vllm_mla_ops: the compiled extension {name} is missing from {package_dir}; {REBUILD_HINT}")
+        raise ImportError(_missing(package, Path(package_dir)))
     info = json.loads(info_path.read_text())
     floor = info["torch_floor"]
     if _torch_release(torch.__version__) < _torch_release(floor):
