@@ -2,6 +2,9 @@
 
 The libraries use torch's stable ABI only (floor TORCH_FLOOR) and Python's limited API, so one abi3
 wheel serves every Python from 3.10 and every torch from the floor up, whichever torch built it.
+TORCH_FLOOR is the one place the floor is written: it becomes the package's torch requirement, the
+stable ABI target in CMake (-DVLLM_MLA_OPS_TORCH_FLOOR) and the floor in _build_info.json, which the
+loader checks at import.
 
 Environment:
   VLLM_MLA_OPS_TARGET    cpu | cuda (default: cuda when torch has CUDA and nvcc is found, else cpu,
@@ -12,6 +15,7 @@ Environment:
   MAX_JOBS               parallel compile jobs (default: CPU count).
 """
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -32,6 +36,11 @@ TORCH_FLOOR = "2.11"
 # Ampere (A100), Ada (L40, RTX 40xx), Hopper (H100, H200), Blackwell data center (B200) and
 # consumer (RTX 50xx), with PTX of the newest so that later GPUs compile it at load time.
 DEFAULT_CUDA_ARCHS = "8.0;8.9;9.0;10.0;12.0+PTX"
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def find_nvcc() -> str | None:
@@ -108,6 +117,21 @@ def local_version() -> str:
     return f"{VERSION}+cu{nvcc_version(find_nvcc()).replace('.', '')}"
 
 
+def torch_headers(torch, build_root: Path) -> Path:
+    """A copy of torch's headers, made once per torch release: the torch of an isolated build is a
+    fresh install with new paths and new file times, and compiling against it directly would make
+    every isolated build recompile everything."""
+    copy = build_root / f"torch-{torch.__version__}-include"
+    if not copy.is_dir():
+        partial = build_root / f"{copy.name}.partial-{os.getpid()}"
+        shutil.copytree(Path(torch.__file__).parent / "include", partial, symlinks=True)
+        try:
+            partial.rename(copy)
+        except OSError:  # another build made it first
+            shutil.rmtree(partial)
+    return copy
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch
@@ -115,10 +139,19 @@ class CMakeBuild(build_ext):
         target = build_target(torch)
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         output_dir.mkdir(parents=True, exist_ok=True)
+        if torch_release(torch.__version__) < torch_release(TORCH_FLOOR):
+            raise RuntimeError(f"vllm_mla_ops builds against torch >= {TORCH_FLOOR} (its stable ABI target); "
+                               f"found torch {torch.__version__}")
         torch_dir = Path(torch.__file__).parent
-        # One persistent build folder per (Python, torch, target): re-running the build recompiles
-        # only what changed, also for editable installs, whose own build folders are temporary.
-        key = hashlib.sha256(f"{sys.executable}|{torch_dir}|{target}".encode()).hexdigest()[:10]
+        ninja = tool("ninja")
+        generator = "Ninja" if Path(ninja).is_file() else "default"
+        # One persistent CMake tree per configuration whose compile commands differ (target, torch
+        # release, Python, generator), never per path: an isolated build (pip install ., pip wheel .)
+        # runs in a new temporary environment each time. Paths are passed at each configure and the
+        # headers come from a copy per torch release, so a rebuild with the torch and cmake of a new
+        # environment relinks and recompiles only what changed.
+        python = f"{sys.implementation.cache_tag}|{Path(sys.base_prefix).resolve()}"
+        key = hashlib.sha256(f"{target}|{torch.__version__}|{python}|{generator}".encode()).hexdigest()[:10]
         build_dir = ROOT / "build" / f"cmake-{target}-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         info = {"version": self.distribution.get_version(), "target": target, "torch_floor": TORCH_FLOOR,
@@ -127,6 +160,7 @@ class CMakeBuild(build_ext):
             f"-DVLLM_MLA_OPS_TARGET={target}",
             f"-DVLLM_MLA_OPS_OUTPUT_DIR={output_dir}",
             f"-DVLLM_MLA_OPS_TORCH_DIR={torch_dir}",
+            f"-DVLLM_MLA_OPS_TORCH_INCLUDE_DIR={torch_headers(torch, ROOT / 'build')}",
             f"-DVLLM_MLA_OPS_TORCH_FLOOR={TORCH_FLOOR}",
             f"-DPython_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -137,16 +171,18 @@ class CMakeBuild(build_ext):
             info["cuda_arch_list"] = cuda_arch_list(torch)
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
                      f"-DVLLM_MLA_OPS_CUDA_ARCHS={cuda_architectures(info['cuda_arch_list'])}"]
-        ninja = tool("ninja")
-        if Path(ninja).is_file():
+        if generator == "Ninja":
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         summary = (f"vllm_mla_ops {info['version']}: target={target}, torch floor {TORCH_FLOOR} "
                    f"(building with torch {torch.__version__})"
                    + (f", CUDA {info['cuda']}, TORCH_CUDA_ARCH_LIST={info['cuda_arch_list']}" if target == "cuda" else ""))
         print(summary, file=sys.stderr)
-        subprocess.run([tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run([tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
+        # Two builds at once in one CMake tree would corrupt ninja's logs: the second one waits.
+        with open(build_dir / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subprocess.run([tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+            subprocess.run([tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
         (output_dir / "_build_info.json").write_text(json.dumps(info, indent=1) + "\n")
         # Editable installs copy only the registered extension (_C) into the source tree: the CUDA
         # library and the build info follow it here, and a CPU rebuild removes a stale CUDA library.
@@ -159,8 +195,11 @@ class CMakeBuild(build_ext):
                     if (output_dir / name).is_file():
                         shutil.copy2(output_dir / name, folder / name)
 
+
+(ROOT / "build").mkdir(exist_ok=True)  # egg_base below, which must exist in a fresh checkout
 setup(
     version=local_version(),
+    install_requires=[f"torch>={TORCH_FLOOR}"],
     ext_modules=[Extension("vllm_mla_ops._C", sources=[], py_limited_api=True)],
     cmdclass={"build_ext": CMakeBuild},
     # egg-info under build/: in the source root it would be found by importlib.metadata first when
