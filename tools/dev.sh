@@ -5,9 +5,10 @@
 #   bash tools/dev.sh test [pytest args]   the test suite
 #   bash tools/dev.sh main [bench args]    DeepSeek-V3 decode/prefill shapes vs torch.cat and the
 #                                          same-bytes ceilings, on the best device
-# Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default torch==2.14.1),
-# plus the build knobs in setup.py (VLLM_MLA_OPS_TARGET, TORCH_CUDA_ARCH_LIST, MAX_JOBS). The CMake
-# build folder under build/ persists, so a re-run recompiles only what changed.
+# Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default torch==2.14.1;
+# a CPU-only machine can take a CPU build, e.g. torch==2.13.0+cpu), plus the build knobs in setup.py
+# (VLLM_MLA_OPS_TARGET, TORCH_CUDA_ARCH_LIST, MAX_JOBS). The CMake build folder under build/
+# persists, so a re-run recompiles only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +21,10 @@ if [ ! -x "$venv/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$venv"
 fi
 py="$venv/bin/python"
+echo "dev.sh: installing ${TORCH_SPEC:-torch==2.14.1} and the build and test tools into $venv" >&2
 "$py" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.14.1}" \
   "setuptools>=77" packaging "cmake>=3.26" ninja pytest hypothesis numpy
+echo "dev.sh: building vllm_mla_ops into $venv (pip install --no-build-isolation -e .)" >&2
 "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$py" - <<'PY'
 import vllm_mla_ops as m
