@@ -3,7 +3,6 @@
 // prints them.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/c/shim.h>
-#include <torch/csrc/stable/macros.h>
 #include <torch/csrc/stable/stableivalue_conversions.h>
 #include <torch/headeronly/core/DeviceType.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -262,8 +261,8 @@ void check_inference_only(const char* op, std::initializer_list<OpArg> args) {
     tensors.push_back(arg.tensor ? std::optional<Tensor>(*arg.tensor) : std::nullopt);
   }
   std::array<StableIValue, 2> stack{torch::stable::detail::from(tensors), torch::stable::detail::from(written)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      torch_call_dispatcher("_C::_grad_mode_guard", "", stack.data(), TORCH_ABI_VERSION));
+  MLA_CHECK(torch_call_dispatcher("_C::_grad_mode_guard", "", stack.data(), TORCH_ABI_VERSION) == AOTI_TORCH_SUCCESS,
+            op, ": the grad-mode check (_C::_grad_mode_guard, registered by `import vllm_mla_ops`) failed");
   const auto requires_grad = torch::stable::detail::to<int64_t>(stack[0]);
   const auto inference = torch::stable::detail::to<int64_t>(stack[1]);
   const auto name = [&](int64_t i) { return args.begin()[i].name; };

@@ -8,82 +8,17 @@
 #include <torch/csrc/stable/macros.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "dispatch_utils.h"
 #include "ops.h"
+#include "packs.cuh"
 
 namespace {
 
-// N elements moved by one access, as a native vector type of their size, loaded with __ldg and
-// stored with __stwb, so 8 two-byte elements are exactly one 16-byte load and one 16-byte store
-// (LDG.E.128 / STG.E.128). A struct of c10::BFloat16 was not, nor is a plain store of the vector
-// type in the 64-bit index kernel: nvcc split some of them into 2- or 4-byte stores.
-template <int kBytes> struct PackOf;
-template <> struct PackOf<16> { using type = uint4; };
-template <> struct PackOf<8> { using type = uint2; };
-template <> struct PackOf<4> { using type = uint32_t; };
-template <> struct PackOf<2> { using type = uint16_t; };
-template <> struct PackOf<1> { using type = uint8_t; };
-template <typename T, int N>
-using Pack = typename PackOf<sizeof(T) * N>::type;
-
-// What each conversion reads besides the tensors, passed by value to the kernel.
-struct NoArgs {};
-struct ScaleArgs {
-  const float* scale;
-};
-
-// concat_mla_q: a pack is stored as it was loaded. In the flat split, one pack a thread (measured
-// faster than two or four on rows of 72 packs: docs/design.md), two on large outputs of short rows
-// (see launch()).
-template <typename scalar_t>
-struct Copy {
-  using out_t = scalar_t;
-  using Args = NoArgs;
-  static constexpr int kPacksPerThread = 1;
-  __device__ explicit Copy(Args) {}
-  template <typename P>
-  __device__ P operator()(const P& pack) const {
-    return pack;
-  }
-};
-
-// concat_mla_q_fp8: e4m3fn(x * r) with r = 1 / scale correctly rounded (read on the device, so a
-// graph replay sees the scale of the moment), x * r in float32, rounded to nearest even. The
-// saturating conversion (satfinite) maps |x * r| > 448 and +-inf to +-448 and NaN to NaN, which
-// is what clamp(-448, 448) followed by a cast does. Four packs a thread on large outputs, where
-// the conversion's instructions would otherwise leave too few loads in flight.
-template <typename scalar_t>
-struct QuantizeE4M3 {
-  using out_t = __nv_fp8_storage_t;
-  using Args = ScaleArgs;
-  static constexpr int kPacksPerThread = 4;
-  float r;
-  // An IEEE division (nvcc's default -prec-div=true; this build never uses --use_fast_math).
-  __device__ explicit QuantizeE4M3(Args args) : r(1.0f / *args.scale) {}
-  template <typename P>
-  __device__ Pack<out_t, sizeof(P) / sizeof(scalar_t)> operator()(const P& pack) const {
-    constexpr int n = sizeof(P) / sizeof(scalar_t);
-    scalar_t x[n];
-    out_t q[n];
-    memcpy(x, &pack, sizeof(P));
-#pragma unroll
-    for (int i = 0; i + 1 < n; i += 2) {
-      const float2 pair{static_cast<float>(x[i]) * r, static_cast<float>(x[i + 1]) * r};
-      const __nv_fp8x2_storage_t q2 = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
-      memcpy(q + i, &q2, sizeof(q2));
-    }
-    if constexpr (n % 2 == 1) {
-      q[n - 1] = __nv_cvt_float_to_fp8(static_cast<float>(x[n - 1]) * r, __NV_SATFINITE, __NV_E4M3);
-    }
-    Pack<out_t, n> out;
-    memcpy(&out, q, sizeof(out));
-    return out;
-  }
-};
+using namespace vllm_mla_ops;
 
 // Division by a divisor fixed for the whole launch, as a multiply and a shift (Granlund and
 // Montgomery): exact for numerators below 2^31, which the 32-bit index path guarantees. Default:
@@ -228,18 +163,20 @@ int64_t last_offset(const Tensor& t) {
 
 template <typename scalar_t, typename Convert, int N>
 void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
-            cudaStream_t stream) {
+            bool copy_nope, cudaStream_t stream) {
   const int64_t tokens = q_out.size(0), heads = q_out.size(1);
-  const int64_t packs = (ql_nope.size(2) + q_pe.size(2)) / N, total = tokens * heads * packs;
+  // Without the nope half (a bmm wrote it in place) the rows are the rope halves of q_out's rows.
+  const int64_t nope_dim = copy_nope ? ql_nope.size(2) : 0, skipped = ql_nope.size(2) - nope_dim;
+  const int64_t packs = (nope_dim + q_pe.size(2)) / N, total = tokens * heads * packs;
   const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
   const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
-  auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr());
+  auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr()) + skipped * q_out.stride(2);
   // The divisors are built only for the flat split's 32-bit index, the one launch that reads them.
   const auto geometry = [&](auto index, bool divides) {
     using Index = decltype(index);
     const auto divisor = [&](int64_t d) { return divides ? FastDivmod(static_cast<uint32_t>(d)) : FastDivmod(); };
     const auto I = [](int64_t v) { return static_cast<Index>(v); };
-    return Geometry<Index>{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(ql_nope.size(2) / N),
+    return Geometry<Index>{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(nope_dim / N),
                            I(ql_nope.stride(0)), I(ql_nope.stride(1)), I(q_pe.stride(0)),
                            I(q_pe.size(1) == 1 ? 0 : q_pe.stride(1)), I(q_out.stride(0)), I(q_out.stride(1)),
                            I(ql_nope.stride(2)), I(q_pe.stride(2)), I(q_out.stride(2))};
@@ -317,7 +254,7 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
 // (16 bytes of input for the 512/64 and 256/32 layouts, down to one element for any other layout).
 template <typename scalar_t, typename Convert>
 void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
-                 const typename Convert::Args& args) {
+                 const typename Convert::Args& args, bool copy_nope = true) {
   void* stream = nullptr;
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(ql_nope.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
                   "could not get the current CUDA stream");
@@ -325,22 +262,22 @@ void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
     return rows_split_into_packs(ql_nope, n) && rows_split_into_packs(q_pe, n) && rows_split_into_packs(q_out, n);
   };
   if (packable(8)) {
-    launch<scalar_t, Convert, 8>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
+    launch<scalar_t, Convert, 8>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
   } else if (packable(4)) {
-    launch<scalar_t, Convert, 4>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
+    launch<scalar_t, Convert, 4>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
   } else if (packable(2)) {
-    launch<scalar_t, Convert, 2>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
+    launch<scalar_t, Convert, 2>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
   } else {
-    launch<scalar_t, Convert, 1>(ql_nope, q_pe, q_out, args, static_cast<cudaStream_t>(stream));
+    launch<scalar_t, Convert, 1>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
   }
 }
 
 void concat_mla_q_cuda(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
-  check_concat_mla_q_args(ql_nope, q_pe, q_out);
+  const bool nope_in_place = check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
   const torch::stable::accelerator::DeviceGuard device_guard(ql_nope.get_device_index());
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
-    concat_rows<scalar_t, Copy<scalar_t>>(ql_nope, q_pe, q_out, NoArgs{});
+    concat_rows<scalar_t, Copy<scalar_t>>(ql_nope, q_pe, q_out, NoArgs{}, !nope_in_place);
   });
 }
 

@@ -1,0 +1,357 @@
+// CUDA kernel of concat_mla_rope: RoPE of q_pe and k_pe, the query concat (+fp8) and the paged
+// KV-cache write (+fp8) of an MLA layer in one launch. A block holds rows of one token: query rows
+// (token, head) and, with the K side, the token's cache row; a thread moves one pack of the nope
+// (or kv_c) half, or rotates the pairs of one rope unit.
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/macros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "dispatch_utils.h"
+#include "ops.h"
+#include "packs.cuh"
+
+namespace {
+
+using namespace vllm_mla_ops;
+
+// One concat_mla_rope launch: pointers, element strides and widths. The query rows are (token,
+// head) rows of q_out; with the K side each token also has one cache row. A row's units are the
+// packs of N elements of its nope (or kv_c) half, then its rope units of kPairs rotated pairs.
+template <typename scalar_t>
+struct RopeGeometry {
+  const scalar_t *nope, *pe, *kv_c, *k_pe;
+  const void* cos_sin;
+  const int64_t *positions, *slots;
+  void *out, *cache;
+  int64_t nope_s0, nope_s1, nope_s2, pe_s0, pe_s1, pe_s2, out_s0, out_s1, out_s2;
+  int64_t kv_c_s0, kv_c_s1, k_pe_s0, k_pe_s1, cache_s0, cache_s1, cache_s2, cos_sin_s0, cos_sin_s1;
+  int64_t positions_s0, slots_s0, tokens, max_position, num_slots, block_size;
+  int32_t heads, nope_dim, kv_dim, half;      // half: rope_dim / 2
+  int32_t nope_units, kv_units, rope_units;   // nope_units is 0 when ql_nope is q_out's nope half
+  bool cos_sin_is_float, cos_sin_vector;      // vector: float32 rows read as float4 (aligned, unit stride)
+  bool has_k;
+};
+
+template <typename scalar_t, int N>
+__device__ void load(scalar_t (&dst)[N], const scalar_t* p) {
+  const auto pack = __ldg(reinterpret_cast<const Pack<scalar_t, N>*>(p));
+  memcpy(dst, &pack, sizeof(pack));
+}
+
+template <typename Convert, typename scalar_t, int N>
+__device__ void store(typename Convert::out_t* p, const scalar_t (&src)[N], const Convert& convert) {
+  Pack<scalar_t, N> pack;
+  memcpy(&pack, src, sizeof(pack));
+  __stwb(reinterpret_cast<Pack<typename Convert::out_t, N>*>(p), convert(pack));
+}
+
+// cos and sin of pairs i0 .. i0 + kPairs - 1 at position pos; NaN for a position outside the cache.
+template <typename scalar_t, int kPairs>
+__device__ void load_cos_sin(const RopeGeometry<scalar_t>& g, int64_t pos, int i0, float (&c)[kPairs],
+                             float (&s)[kPairs]) {
+  const bool valid = pos >= 0 && pos < g.max_position;
+  const int64_t row = (valid ? pos : 0) * g.cos_sin_s0;
+  if constexpr (kPairs % 4 == 0) {
+    if (g.cos_sin_vector) {
+      const auto* base = static_cast<const float*>(g.cos_sin) + row;
+#pragma unroll
+      for (int k = 0; k < kPairs; k += 4) {
+        const float4 cv = __ldg(reinterpret_cast<const float4*>(base + i0 + k));
+        const float4 sv = __ldg(reinterpret_cast<const float4*>(base + g.half + i0 + k));
+        c[k] = cv.x, c[k + 1] = cv.y, c[k + 2] = cv.z, c[k + 3] = cv.w;
+        s[k] = sv.x, s[k + 1] = sv.y, s[k + 2] = sv.z, s[k + 3] = sv.w;
+      }
+      if (!valid) {
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) c[k] = s[k] = __int_as_float(0x7fc00000);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPairs; ++k) {
+    const int64_t cos_at = row + (i0 + k) * g.cos_sin_s1, sin_at = row + (g.half + i0 + k) * g.cos_sin_s1;
+    if (g.cos_sin_is_float) {
+      c[k] = __ldg(static_cast<const float*>(g.cos_sin) + cos_at);
+      s[k] = __ldg(static_cast<const float*>(g.cos_sin) + sin_at);
+    } else {
+      c[k] = static_cast<float>(static_cast<const scalar_t*>(g.cos_sin)[cos_at]);
+      s[k] = static_cast<float>(static_cast<const scalar_t*>(g.cos_sin)[sin_at]);
+    }
+    if (!valid) c[k] = s[k] = __int_as_float(0x7fc00000);
+  }
+}
+
+// Rope unit r of kRows rows that share a token (one position, so one read of cos and sin): pairs
+// i0 + k, k < kPairs, i0 = r * kPairs. GPT-J pairs are (2i, 2i + 1), kPairs = N / 2 of them in one
+// pack (N == 1: one element a load); NeoX pairs are (i, i + half), kPairs = N of them in two packs.
+// Each row's packs are loaded before the position is needed. Each product is rounded on its own
+// (__fmul_rn is never fused into an FMA), then the sum, then once to scalar_t.
+template <typename scalar_t, int N, bool kNeox, int kRows, typename Convert>
+__device__ void rope_unit(const RopeGeometry<scalar_t>& g, const scalar_t* const (&x)[kRows], int64_t x_s,
+                          typename Convert::out_t* const (&y)[kRows], int64_t y_s, const int64_t* position, int r,
+                          const Convert& convert) {
+  constexpr int kPairs = kNeox ? N : (N > 1 ? N / 2 : 1);
+  constexpr bool kTwoLoads = kNeox || N == 1;  // a and b halves in separate packs
+  constexpr int kLoad = kTwoLoads ? kPairs : N;
+  const int i0 = r * kPairs;
+  const int64_t a_at = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : x_s);
+  const int64_t b_at = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : x_s);
+  scalar_t a_in[kRows][kLoad], b_in[kRows][kTwoLoads ? kLoad : 1];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    load(a_in[j], x[j] + a_at);
+    if constexpr (kTwoLoads) load(b_in[j], x[j] + b_at);
+  }
+  float c[kPairs], s[kPairs];
+  load_cos_sin(g, __ldg(position), i0, c, s);
+  const int64_t ya = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : y_s), yb = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : y_s);
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    scalar_t a_out[kLoad], b_out[kTwoLoads ? kLoad : 1];
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const float a = static_cast<float>(kTwoLoads ? a_in[j][k] : a_in[j][2 * k]);
+      const float b = static_cast<float>(kTwoLoads ? b_in[j][k] : a_in[j][2 * k + 1]);
+      const scalar_t a_rot(__fsub_rn(__fmul_rn(a, c[k]), __fmul_rn(b, s[k])));
+      const scalar_t b_rot(__fadd_rn(__fmul_rn(b, c[k]), __fmul_rn(a, s[k])));
+      if constexpr (kTwoLoads) {
+        a_out[k] = a_rot, b_out[k] = b_rot;
+      } else {
+        a_out[2 * k] = a_rot, a_out[2 * k + 1] = b_rot;
+      }
+    }
+    store(y[j] + ya, a_out, convert);
+    if constexpr (kTwoLoads) store(y[j] + yb, b_out, convert);
+  }
+}
+
+// Query blocks: blockIdx.x * kRows + j (j < kRows) are the heads, threadIdx.x the unit; a thread moves
+// its unit of kRows rows, loading all before storing any. A head past the last is the last head again
+// (the same bytes to the same place), so no thread branches on it. With the K side, the last block
+// column holds the tokens' cache rows: a slot outside the cache writes nothing. blockIdx.y strides
+// over the tokens.
+template <typename scalar_t, int N, bool kNeox, int kRows, typename QConvert, typename KConvert>
+__global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t> g, const typename QConvert::Args q_args,
+                                       const typename KConvert::Args k_args) {
+  const bool k_block = g.has_k && blockIdx.x == gridDim.x - 1;
+  const int units = (k_block ? g.kv_units : g.nope_units) + g.rope_units;
+  const auto at = [](int64_t i, int64_t stride) { return N > 1 ? i : i * stride; };
+  for (int64_t t = blockIdx.y; t < g.tokens; t += gridDim.y) {
+    for (int u = threadIdx.x; u < units; u += blockDim.x) {
+      if (!k_block) {
+        const QConvert convert(q_args);
+        using Out = typename QConvert::out_t;
+        Out* out[kRows];
+        int64_t heads[kRows];
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+          heads[j] = min(static_cast<int>(blockIdx.x) * kRows + j, g.heads - 1);
+          out[j] = static_cast<Out*>(g.out) + t * g.out_s0 + heads[j] * g.out_s1;
+        }
+        if (u < g.nope_units) {
+          scalar_t v[kRows][N];
+#pragma unroll
+          for (int j = 0; j < kRows; ++j) load(v[j], g.nope + t * g.nope_s0 + heads[j] * g.nope_s1 + at(int64_t{u} * N, g.nope_s2));
+#pragma unroll
+          for (int j = 0; j < kRows; ++j) store(out[j] + at(int64_t{u} * N, g.out_s2), v[j], convert);
+        } else {
+          const scalar_t* x[kRows];
+          Out* y[kRows];
+#pragma unroll
+          for (int j = 0; j < kRows; ++j) {
+            x[j] = g.pe + t * g.pe_s0 + heads[j] * g.pe_s1;
+            y[j] = out[j] + at(g.nope_dim, g.out_s2);
+          }
+          rope_unit<scalar_t, N, kNeox, kRows>(g, x, g.pe_s2, y, g.out_s2, g.positions + t * g.positions_s0,
+                                               u - g.nope_units, convert);
+        }
+      } else {
+        const KConvert convert(k_args);
+        using Out = typename KConvert::out_t;
+        const int64_t slot = __ldg(g.slots + t * g.slots_s0);
+        if (slot < 0 || slot >= g.num_slots) break;
+        Out* row = static_cast<Out*>(g.cache) + (slot / g.block_size) * g.cache_s0 + (slot % g.block_size) * g.cache_s1;
+        if (u < g.kv_units) {
+          scalar_t v[N];
+          load(v, g.kv_c + t * g.kv_c_s0 + at(int64_t{u} * N, g.kv_c_s1));
+          store(row + at(int64_t{u} * N, g.cache_s2), v, convert);
+        } else {
+          const scalar_t* const x[1] = {g.k_pe + t * g.k_pe_s0};
+          Out* const y[1] = {row + at(g.kv_dim, g.cache_s2)};
+          rope_unit<scalar_t, N, kNeox, 1>(g, x, g.k_pe_s1, y, g.cache_s2, g.positions + t * g.positions_s0,
+                                           u - g.kv_units, convert);
+        }
+      }
+    }
+  }
+}
+
+// Whether the rows of t (its last dim) split into aligned packs of n elements: the width divides,
+// the last dim is unit-stride, the base and the strides of the other dims keep each row aligned.
+bool rows_split(const Tensor& t, int64_t n) {
+  const int64_t last = t.dim() - 1;
+  if (t.size(last) % n != 0 || (n > 1 && t.size(last) > 1 && t.stride(last) != 1)) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % static_cast<uintptr_t>(n * t.element_size()) != 0) return false;
+  for (int64_t d = 0; d < last; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
+  }
+  return true;
+}
+
+// Block of one row of units (a warp holds units of one kind where the row allows: nope packs, then
+// rope units), kRows query rows a thread: one under kOneRowBelow units in all, where more blocks
+// spread the latency over more SMs, else four.
+template <typename scalar_t, typename QConvert, typename KConvert, int N, bool kNeox>
+void launch_rope(const RopeGeometry<scalar_t>& g, const typename QConvert::Args& q_args,
+                 const typename KConvert::Args& k_args, cudaStream_t stream) {
+  constexpr int64_t kOneRowBelow = int64_t{1} << 16;
+  const int units = std::max(g.nope_units, g.has_k ? g.kv_units : 0) + g.rope_units;
+  const dim3 block(static_cast<unsigned>(std::min(units, 1024)));
+  const auto run = [&](auto rows) {
+    constexpr int kRows = decltype(rows)::value;
+    const dim3 grid(static_cast<unsigned>((g.heads + kRows - 1) / kRows + (g.has_k ? 1 : 0)),
+                    static_cast<unsigned>(std::min<int64_t>(g.tokens, 65535)));
+    concat_mla_rope_kernel<scalar_t, N, kNeox, kRows, QConvert, KConvert><<<grid, block, 0, stream>>>(g, q_args, k_args);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (g.tokens * g.heads * units < kOneRowBelow) {
+    run(std::integral_constant<int, 1>{});
+  } else {
+    run(std::integral_constant<int, 4>{});
+  }
+}
+
+// The widest pack every row splits into: 8 elements (16 bytes of input) for the engines' layouts,
+// else one element, which handles any alignment and stride.
+template <typename scalar_t, typename QConvert, typename KConvert>
+void rope_rows(RopeGeometry<scalar_t> g, const std::vector<const Tensor*>& packed, const Tensor& cos_sin_cache,
+               bool is_neox, const typename QConvert::Args& q_args, const typename KConvert::Args& k_args,
+               cudaStream_t stream) {
+  constexpr int kWide = 8;
+  bool wide = (is_neox ? g.half : 2 * g.half) % kWide == 0;
+  for (const Tensor* t : packed) wide = wide && rows_split(*t, kWide);
+  const auto run = [&](auto n) {
+    constexpr int N = decltype(n)::value;
+    constexpr int kPairs = N > 1 ? N / 2 : 1;
+    g.nope_units /= N;
+    g.kv_units /= N;
+    g.rope_units = is_neox ? g.half / N : g.half / kPairs;
+    const int pairs = is_neox ? N : kPairs;
+    g.cos_sin_vector = g.cos_sin_is_float && pairs % 4 == 0 && g.half % 4 == 0 && cos_sin_cache.stride(1) == 1 &&
+                       (cos_sin_cache.size(0) == 1 || cos_sin_cache.stride(0) % 4 == 0) &&
+                       reinterpret_cast<uintptr_t>(cos_sin_cache.const_data_ptr()) % 16 == 0;
+    if (is_neox) {
+      launch_rope<scalar_t, QConvert, KConvert, N, true>(g, q_args, k_args, stream);
+    } else {
+      launch_rope<scalar_t, QConvert, KConvert, N, false>(g, q_args, k_args, stream);
+    }
+  };
+  if (wide) {
+    run(std::integral_constant<int, kWide>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
+}
+
+// positions or slot_mapping on the host, for the checked mode (a synchronization).
+std::vector<int64_t> host_indices(const std::optional<Tensor>& t, cudaStream_t stream) {
+  std::vector<int64_t> values(t ? static_cast<size_t>(t->size(0)) : 0);
+  if (values.empty()) return values;
+  const auto* data = static_cast<const int64_t*>(t->const_data_ptr());
+  const size_t copied = t->stride(0) == 0 ? 1 : values.size();
+  STD_CUDA_CHECK(cudaMemcpy2DAsync(values.data(), sizeof(int64_t), data, sizeof(int64_t) * std::max<int64_t>(1, t->stride(0)),
+                                   sizeof(int64_t), copied, cudaMemcpyDeviceToHost, stream));
+  STD_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::fill(values.begin() + copied, values.end(), values[0]);
+  return values;
+}
+
+void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor cos_sin_cache, bool is_neox,
+                          Tensor q_out, std::optional<Tensor> q_scale, std::optional<Tensor> kv_c,
+                          std::optional<Tensor> k_pe, std::optional<Tensor> kv_cache,
+                          std::optional<Tensor> slot_mapping, std::optional<Tensor> k_scale) {
+  const char* op = "concat_mla_rope";
+  const bool nope_in_place = check_concat_mla_rope_args(ql_nope, q_pe, positions, cos_sin_cache, q_out, q_scale, kv_c,
+                                                        k_pe, kv_cache, slot_mapping, k_scale);
+  const torch::stable::accelerator::DeviceGuard device_guard(ql_nope.get_device_index());
+  void* stream_ptr = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(ql_nope.get_device_index(), &stream_ptr) == AOTI_TORCH_SUCCESS,
+                  "could not get the current CUDA stream");
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool has_k = kv_cache.has_value();
+  if (check_indices_requested()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    STD_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    STD_TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
+                    ": VLLM_MLA_OPS_CHECK_INDICES=1 reads positions and slot_mapping on the host, which a CUDA graph "
+                    "capture cannot do; capture without it");
+    check_rope_indices(op, host_indices(positions, stream), cos_sin_cache.size(0), host_indices(slot_mapping, stream),
+                       has_k ? kv_cache->size(0) * kv_cache->size(1) : 0);
+  }
+  const int64_t tokens = q_out.size(0);
+  if (tokens == 0) return;
+  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
+    RopeGeometry<scalar_t> g{};
+    g.nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
+    g.pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
+    g.cos_sin = cos_sin_cache.const_data_ptr();
+    g.positions = static_cast<const int64_t*>(positions.const_data_ptr());
+    g.out = q_out.mutable_data_ptr();
+    g.nope_s0 = ql_nope.stride(0), g.nope_s1 = ql_nope.stride(1), g.nope_s2 = ql_nope.stride(2);
+    g.pe_s0 = q_pe.stride(0), g.pe_s1 = q_pe.size(1) == 1 ? 0 : q_pe.stride(1), g.pe_s2 = q_pe.stride(2);
+    g.out_s0 = q_out.stride(0), g.out_s1 = q_out.stride(1), g.out_s2 = q_out.stride(2);
+    g.cos_sin_s0 = cos_sin_cache.stride(0), g.cos_sin_s1 = cos_sin_cache.stride(1);
+    g.positions_s0 = positions.stride(0);
+    g.tokens = tokens, g.max_position = cos_sin_cache.size(0);
+    g.heads = static_cast<int32_t>(q_out.size(1)), g.nope_dim = static_cast<int32_t>(ql_nope.size(2));
+    g.half = static_cast<int32_t>(q_pe.size(2) / 2);
+    g.nope_units = nope_in_place ? 0 : g.nope_dim;  // elements here; packs once the width is chosen
+    g.cos_sin_is_float = cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float;
+    std::vector<const Tensor*> packed{&ql_nope, &q_pe, &q_out};
+    if (has_k) {
+      g.has_k = true;
+      g.kv_c = static_cast<const scalar_t*>(kv_c->const_data_ptr());
+      g.k_pe = static_cast<const scalar_t*>(k_pe->const_data_ptr());
+      g.slots = static_cast<const int64_t*>(slot_mapping->const_data_ptr());
+      g.cache = kv_cache->mutable_data_ptr();
+      g.kv_c_s0 = kv_c->stride(0), g.kv_c_s1 = kv_c->stride(1);
+      g.k_pe_s0 = k_pe->stride(0), g.k_pe_s1 = k_pe->stride(k_pe->dim() - 1);
+      g.cache_s0 = kv_cache->stride(0), g.cache_s1 = kv_cache->stride(1), g.cache_s2 = kv_cache->stride(2);
+      g.slots_s0 = slot_mapping->stride(0);
+      g.num_slots = kv_cache->size(0) * kv_cache->size(1), g.block_size = kv_cache->size(1);
+      g.kv_dim = static_cast<int32_t>(kv_c->size(1)), g.kv_units = g.kv_dim;
+      packed.insert(packed.end(), {&*kv_c, &*k_pe, &*kv_cache});
+    }
+    const ScaleArgs q_args{q_scale ? static_cast<const float*>(q_scale->const_data_ptr()) : nullptr};
+    const ScaleArgs k_args{k_scale ? static_cast<const float*>(k_scale->const_data_ptr()) : nullptr};
+    const auto with_k = [&](auto q_convert, const auto& qa) {
+      using Q = typename decltype(q_convert)::type;
+      if (k_scale) {
+        rope_rows<scalar_t, Q, DivideE4M3<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, k_args, stream);
+      } else {
+        rope_rows<scalar_t, Q, Copy<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, NoArgs{}, stream);
+      }
+    };
+    if (q_scale) {
+      with_k(std::type_identity<QuantizeE4M3<scalar_t>>{}, q_args);
+    } else {
+      with_k(std::type_identity<Copy<scalar_t>>{}, NoArgs{});
+    }
+  });
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(_C, CUDA, m) {
+  m.impl("concat_mla_rope", TORCH_BOX(&concat_mla_rope_cuda));
+}

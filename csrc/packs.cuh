@@ -1,0 +1,104 @@
+// What the CUDA kernels of every op share: packs of N elements moved by one access, and the
+// conversions applied to a pack between its load and its store.
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace vllm_mla_ops {
+
+// N elements moved by one access, as a native vector type of their size, loaded with __ldg and
+// stored with __stwb, so 8 two-byte elements are exactly one 16-byte load and one 16-byte store
+// (LDG.E.128 / STG.E.128). A struct of c10::BFloat16 was not, nor is a plain store of the vector
+// type in the 64-bit index kernel: nvcc split some of them into 2- or 4-byte stores.
+template <int kBytes> struct PackOf;
+template <> struct PackOf<16> { using type = uint4; };
+template <> struct PackOf<8> { using type = uint2; };
+template <> struct PackOf<4> { using type = uint32_t; };
+template <> struct PackOf<2> { using type = uint16_t; };
+template <> struct PackOf<1> { using type = uint8_t; };
+template <typename T, int N>
+using Pack = typename PackOf<sizeof(T) * N>::type;
+
+// What each conversion reads besides the tensors, passed by value to the kernel.
+struct NoArgs {};
+struct ScaleArgs {
+  const float* scale;
+};
+
+// concat_mla_q: a pack is stored as it was loaded. In the flat split, one pack a thread (measured
+// faster than two or four on rows of 72 packs: docs/design.md), two on large outputs of short rows
+// (see launch()).
+template <typename scalar_t>
+struct Copy {
+  using out_t = scalar_t;
+  using Args = NoArgs;
+  static constexpr int kPacksPerThread = 1;
+  __device__ explicit Copy(Args) {}
+  template <typename P>
+  __device__ P operator()(const P& pack) const {
+    return pack;
+  }
+};
+
+// concat_mla_q_fp8: e4m3fn(x * r) with r = 1 / scale correctly rounded (read on the device, so a
+// graph replay sees the scale of the moment), x * r in float32, rounded to nearest even. The
+// saturating conversion (satfinite) maps |x * r| > 448 and +-inf to +-448 and NaN to NaN, which
+// is what clamp(-448, 448) followed by a cast does. Four packs a thread on large outputs, where
+// the conversion's instructions would otherwise leave too few loads in flight.
+template <typename scalar_t>
+struct QuantizeE4M3 {
+  using out_t = __nv_fp8_storage_t;
+  using Args = ScaleArgs;
+  static constexpr int kPacksPerThread = 4;
+  float r;
+  // An IEEE division (nvcc's default -prec-div=true; this build never uses --use_fast_math).
+  __device__ explicit QuantizeE4M3(Args args) : r(1.0f / *args.scale) {}
+  template <typename P>
+  __device__ Pack<out_t, sizeof(P) / sizeof(scalar_t)> operator()(const P& pack) const {
+    constexpr int n = sizeof(P) / sizeof(scalar_t);
+    scalar_t x[n];
+    out_t q[n];
+    memcpy(x, &pack, sizeof(P));
+#pragma unroll
+    for (int i = 0; i + 1 < n; i += 2) {
+      const float2 pair{static_cast<float>(x[i]) * r, static_cast<float>(x[i + 1]) * r};
+      const __nv_fp8x2_storage_t q2 = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
+      memcpy(q + i, &q2, sizeof(q2));
+    }
+    if constexpr (n % 2 == 1) {
+      q[n - 1] = __nv_cvt_float_to_fp8(static_cast<float>(x[n - 1]) * r, __NV_SATFINITE, __NV_E4M3);
+    }
+    Pack<out_t, n> out;
+    memcpy(&out, q, sizeof(out));
+    return out;
+  }
+};
+
+// concat_mla_rope's fp8 KV cache: e4m3fn(x / scale), saturating, as vLLM's fp8 cache is written (a
+// division, where the query's quantization multiplies by the reciprocal).
+template <typename scalar_t>
+struct DivideE4M3 {
+  using out_t = __nv_fp8_storage_t;
+  using Args = ScaleArgs;
+  float scale;
+  __device__ explicit DivideE4M3(Args args) : scale(*args.scale) {}
+  template <typename P>
+  __device__ Pack<out_t, sizeof(P) / sizeof(scalar_t)> operator()(const P& pack) const {
+    constexpr int n = sizeof(P) / sizeof(scalar_t);
+    scalar_t x[n];
+    out_t q[n];
+    memcpy(x, &pack, sizeof(P));
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      q[i] = __nv_cvt_float_to_fp8(__fdiv_rn(static_cast<float>(x[i]), scale), __NV_SATFINITE, __NV_E4M3);
+    }
+    Pack<out_t, n> out;
+    memcpy(&out, q, sizeof(out));
+    return out;
+  }
+};
+
+}  // namespace vllm_mla_ops
