@@ -196,6 +196,8 @@ def _check_rope_args(ql_nope, q_pe, positions, cos_sin_cache, q_out, q_scale, kv
     torch._check(kv_cache.shape[2] == kv_c.shape[1] + rope_dim, lambda: (
         f"{op}: kv_cache must be [num_blocks, block_size, kv_dim + rope_dim] with kv_dim + rope_dim = "
         f"{kv_c.shape[1]} + {rope_dim} from kv_c and q_pe, got shape {list(kv_cache.shape)}"))
+    torch._check(kv_cache.shape[0] * kv_cache.shape[1] < 2**63, lambda: (
+        f"{op}: kv_cache's num_blocks * block_size overflows int64, got shape {list(kv_cache.shape)}"))
     tokens_of(slot_mapping, "slot_mapping")
     if k_scale is not None:
         scale(k_scale, "k_scale")
