@@ -1,0 +1,325 @@
+"""What only concat_mla_rope promises (its checks common to every op run in the op-parametrized
+tests): every output bit-exact against vllm_mla_ops.testing.reference_rope on fresh random bit
+patterns, for both pairings, both fp8 outputs, both cache dtypes, the engines' layouts and layouts
+that take the one-element path; the nope half written by a bmm left alone; indices outside their
+tensors never leading a read or write outside them; the checked mode; CUDA-graph replay reading
+positions, slots and scales of the moment."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import vllm_mla_ops
+from mla_helpers import assert_storages, snapshot
+from vllm_mla_ops.testing import (
+    assert_equal_or_both_nan,
+    assert_fp8_equal,
+    bits,
+    engine_inputs,
+    random_bits,
+    reference_rope,
+    shifted,
+    strided_last_dim,
+)
+
+FP8 = torch.float8_e4m3fn
+MAX_POSITION = 50
+
+
+def _inputs(device, *, dtype=torch.bfloat16, tokens=5, heads=16, nope_dim=512, rope_dim=64, kv_dim=512,
+            layout="decode", q_fp8=False, k_side="bf16", cos_sin_dtype=torch.float32, pe_heads=None,
+            block_size=8) -> dict:
+    """The op's arguments as a dict in schema order (is_neox left to the caller), every tensor made
+    of fresh random bits except positions (valid unless changed), cos_sin_cache (random normals:
+    random bits would make most results NaN) and slot_mapping (a random permutation of slots)."""
+    if layout == "decode":
+        ql_nope, q_pe, _ = engine_inputs("decode", tokens, heads, dtype, device, nope_dim=nope_dim, rope_dim=rope_dim)
+    else:  # every-other-element ql_nope, q_pe one element off its alignment: one-element packs
+        ql_nope = strided_last_dim(2, 1)((tokens, heads, nope_dim), dtype, device)
+        q_pe = shifted(1, 3, 1)((tokens, heads, rope_dim), dtype, device)
+    if pe_heads == 1:
+        q_pe = random_bits((tokens, 1, rope_dim), dtype, device)
+    args = dict(ql_nope=ql_nope, q_pe=q_pe,
+                positions=torch.randint(0, MAX_POSITION, (tokens,), device=device),
+                cos_sin_cache=torch.randn(MAX_POSITION, rope_dim, device=device).to(cos_sin_dtype),
+                is_neox=False,
+                q_out=random_bits((tokens, heads, nope_dim + rope_dim), FP8 if q_fp8 else dtype, device),
+                q_scale=torch.tensor([0.37], device=device) if q_fp8 else None,
+                kv_c=None, k_pe=None, kv_cache=None, slot_mapping=None, k_scale=None)
+    if k_side != "none":
+        latent = random_bits((tokens, kv_dim + rope_dim + 2), dtype, device)[:, 1:-1]  # views of one row
+        blocks = tokens // block_size + 3
+        args.update(kv_c=latent[:, :kv_dim], k_pe=latent[:, kv_dim:],
+                    kv_cache=random_bits((blocks, block_size, kv_dim + rope_dim), FP8 if k_side == "fp8" else dtype,
+                                         device),
+                    slot_mapping=torch.randperm(blocks * block_size, device=device)[:tokens],
+                    k_scale=torch.tensor([0.29], device=device) if k_side == "fp8" else None)
+    return args
+
+
+def _call(args: dict) -> None:
+    with torch.inference_mode():
+        torch.ops._C.concat_mla_rope(*args.values())
+
+
+def _expected(args: dict) -> dict:
+    a = dict(args)
+    return reference_rope(a.pop("ql_nope").clone(), a.pop("q_pe"), a.pop("positions"), a.pop("cos_sin_cache"),
+                          a.pop("is_neox"), a["q_scale"], a["kv_c"], a["k_pe"], a["kv_cache"], a["slot_mapping"],
+                          a["k_scale"])
+
+
+def _assert_outputs(args: dict, expected: dict) -> None:
+    for name in expected:
+        actual = args[name]
+        compare = assert_fp8_equal if actual.dtype == FP8 else assert_equal_or_both_nan
+        compare(actual, expected[name], name)
+
+
+def _assert_writes_reference(args: dict) -> None:
+    """The call writes exactly the reference into q_out (and the cache), and no other byte of any
+    storage involved changes."""
+    expected = _expected(args)
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor)]
+    written = [args[name] for name in expected]
+    before = snapshot(*tensors)
+    _call(args)
+    _assert_outputs(args, expected)
+    for t in written:  # outside the outputs' elements nothing may change
+        for key, saved in before.items():
+            if key[1] == t.untyped_storage().data_ptr():
+                region = torch.empty(0, dtype=bits(t).dtype, device=t.device)
+                region.set_(saved.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+                region.copy_(bits(t))
+    assert_storages(before, tensors, "bytes outside the outputs' elements changed")
+
+
+VARIANTS = list(itertools.product([torch.float16, torch.bfloat16], [False, True], [False, True],
+                                  ["none", "bf16", "fp8"], [torch.float32, None]))
+
+
+@pytest.mark.parametrize("dtype, is_neox, q_fp8, k_side, cos_sin_dtype", [
+    pytest.param(*v, id=f"{str(v[0])[6:]}-{'neox' if v[1] else 'gptj'}-q{'fp8' if v[2] else 'half'}-k{v[3]}-"
+                        f"cs{'f32' if v[4] else 'half'}") for v in VARIANTS])
+def test_matches_reference_bit_for_bit(device, dtype, is_neox, q_fp8, k_side, cos_sin_dtype):
+    """Every combination of dtype, pairing, fp8 query, K side (none, the inputs' dtype, fp8) and
+    cos_sin_cache dtype, decode layout, random bits in every input: q_out and the whole cache equal
+    reference_rope, and nothing else is written."""
+    args = _inputs(device, dtype=dtype, q_fp8=q_fp8, k_side=k_side, cos_sin_dtype=cos_sin_dtype or dtype)
+    args["is_neox"] = is_neox
+    _assert_writes_reference(args)
+
+
+@pytest.mark.parametrize("is_neox", [False, True], ids=["gptj", "neox"])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(layout="odd"), id="one-element-packs"),
+    pytest.param(dict(layout="odd", nope_dim=7, rope_dim=6, kv_dim=5, q_fp8=True, k_side="fp8"), id="odd-widths-fp8"),
+    pytest.param(dict(pe_heads=1), id="q_pe-one-head"),
+    pytest.param(dict(nope_dim=256, rope_dim=32, kv_dim=256, heads=40), id="minicpm3-256+32x40h"),
+    pytest.param(dict(tokens=3, heads=128), id="deepseek-v3-128h"),
+    pytest.param(dict(tokens=2, heads=3, nope_dim=1100, kv_dim=2000), id="rows-wider-than-a-block"),
+    pytest.param(dict(tokens=0), id="no-tokens"),
+])
+def test_layouts_match_reference(device, is_neox, case):
+    """Layouts off the 16-byte packs (strided last dim, odd offsets and widths), a one-head q_pe,
+    MiniCPM3's and DeepSeek-V3's geometries, rows wider than a CUDA block and no tokens at all."""
+    args = _inputs(device, **case)
+    args["is_neox"] = is_neox
+    _assert_writes_reference(args)
+
+
+@pytest.mark.large
+@pytest.mark.cuda
+def test_tokens_past_the_grid_limit_match_reference():
+    """70,000 tokens (more than a CUDA grid's 65,535 rows): every token written."""
+    args = _inputs("cuda", tokens=70_000, heads=1, nope_dim=8, rope_dim=8, kv_dim=8, k_side="fp8")
+    _assert_writes_reference(args)
+
+
+def test_k_pe_three_dimensional_is_the_same_rows(device):
+    """k_pe given as [tokens, 1, rope_dim] (vLLM's layout) writes what [tokens, rope_dim] writes."""
+    args = _inputs(device)
+    args["k_pe"] = args["k_pe"].unsqueeze(1)
+    _assert_writes_reference(args)
+
+
+@pytest.mark.parametrize("op", ["concat_mla_q", "concat_mla_rope"])
+def test_nope_half_written_by_the_bmm_is_left_alone(device, op):
+    """ql_nope = q_out[..., :nope_dim] (the bmm wrote it there): the op writes the rope half only,
+    and the result is the reference of that ql_nope."""
+    args = _inputs(device, k_side="none")
+    q_out = args["q_out"]
+    args["ql_nope"] = q_out[..., :512]
+    ql_nope = q_out[..., :512].clone()
+    if op == "concat_mla_q":
+        with torch.inference_mode():
+            torch.ops._C.concat_mla_q(args["ql_nope"], args["q_pe"], q_out)
+        assert torch.equal(bits(q_out[..., :512]), bits(ql_nope))
+        assert torch.equal(bits(q_out[..., 512:]), bits(args["q_pe"]))
+    else:
+        expected = reference_rope(ql_nope, args["q_pe"], args["positions"], args["cos_sin_cache"], False)
+        _call(args)
+        assert_equal_or_both_nan(q_out, expected["q_out"])
+
+
+def test_other_overlap_with_the_nope_half_is_refused(device):
+    """A ql_nope one element off q_out's nope half is an overlap, refused before any write."""
+    args = _inputs(device, k_side="none")
+    args["ql_nope"] = args["q_out"][..., 1:513]
+    before = snapshot(args["q_out"])
+    with pytest.raises(RuntimeError, match="concat_mla_rope: q_out must not overlap ql_nope in memory"):
+        _call(args)
+    assert_storages(before, [args["q_out"]], "a refused call wrote")
+
+
+def _inside_guard_bands(t: torch.Tensor, band: int = 64) -> torch.Tensor:
+    """t's values in a view of a buffer with `band` random elements before and after it."""
+    flat = random_bits((t.numel() + 2 * band,), t.dtype, t.device)
+    view = flat[band:band + t.numel()].view(t.shape)
+    bits(view).copy_(bits(t))
+    return view
+
+
+def test_out_of_range_indices_stay_inside_the_tensors(device):
+    """Positions below 0, at max_position and far past it turn their tokens by NaN; slots at the
+    cache's end, far past it and negative write nothing; with every tensor inside guard bands no
+    byte outside the outputs' elements changes, and every other token is exact."""
+    args = _inputs(device, tokens=8, k_side="bf16")
+    args["cos_sin_cache"] = _inside_guard_bands(args["cos_sin_cache"])
+    args["kv_cache"] = _inside_guard_bands(args["kv_cache"])
+    args["q_out"] = _inside_guard_bands(args["q_out"])
+    slots = args["kv_cache"].shape[0] * args["kv_cache"].shape[1]
+    args["positions"][:3] = torch.tensor([-1, MAX_POSITION, 2**62])
+    args["slot_mapping"][3:6] = torch.tensor([slots, 2**62, -5])
+    _assert_writes_reference(args)
+    rope = args["q_out"][:3, :, 512:].float()
+    assert bool(rope.isnan().all()), "an out-of-range position must turn its token by NaN"
+
+
+def test_k_side_only_writes_the_slots_rows(device):
+    """Cache rows no valid slot names keep their bytes (the reference leaves them as they were)."""
+    args = _inputs(device, tokens=4)
+    args["slot_mapping"] = torch.tensor([3, -1, 0, 17], device=device)
+    _assert_writes_reference(args)
+
+
+CHECKED_CASES = {
+    "position-past": ([0, 1, 10, 3], [0, 1, 2, -1], "concat_mla_rope: positions[2] = 10 is outside [0, 10)"),
+    "position-negative": ([0, 1, 2, -4], [0, 1, 2, -1], "concat_mla_rope: positions[3] = -4 is outside [0, 10)"),
+    "slot-past": ([0, 1, 2, 3], [0, 8, 2, -1], "concat_mla_rope: slot_mapping[1] = 8 is outside [0, 8)"),
+    "slot-repeated": ([0, 1, 2, 3], [5, 1, 5, -1], "concat_mla_rope: slot_mapping[2] = 5 repeats slot_mapping[0]"),
+    "valid": ([0, 1, 2, 3], [5, 1, -1, -1], None),
+}
+
+# Runs every case in one child process (the variable is read once per process), printing one JSON
+# line a case: the error message or "accepted", and whether any output byte changed.
+CHECKED_MODE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, vllm_mla_ops
+    device, cases = sys.argv[1], json.loads(sys.argv[2])
+    for name, (positions, slots, _) in cases.items():
+        T = 4
+        args = [torch.randn(T, 2, 8, dtype=torch.bfloat16, device=device),
+                torch.randn(T, 2, 4, dtype=torch.bfloat16, device=device),
+                torch.tensor(positions, device=device), torch.randn(10, 4, device=device), False,
+                torch.zeros(T, 2, 12, dtype=torch.bfloat16, device=device), None,
+                torch.randn(T, 8, dtype=torch.bfloat16, device=device),
+                torch.randn(T, 4, dtype=torch.bfloat16, device=device),
+                torch.zeros(2, 4, 12, dtype=torch.bfloat16, device=device), torch.tensor(slots, device=device), None]
+        try:
+            with torch.inference_mode():
+                torch.ops._C.concat_mla_rope(*args)
+            outcome = "accepted"
+        except RuntimeError as error:
+            outcome = str(error)
+        print(json.dumps([name, outcome, bool(args[5].any()) or bool(args[9].any())]))
+""")
+
+
+@pytest.fixture(scope="module")
+def checked_mode_outcomes(request):
+    """{device: {case: (outcome, written)}} from one child process per device."""
+    outcomes = {}
+
+    def run(device):
+        if device not in outcomes:
+            env = dict(os.environ, VLLM_MLA_OPS_CHECK_INDICES="1")
+            result = subprocess.run([sys.executable, "-c", CHECKED_MODE_SCRIPT, device, json.dumps(CHECKED_CASES)],
+                                    env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr
+            outcomes[device] = {name: (outcome, written) for name, outcome, written in
+                                map(json.loads, result.stdout.strip().splitlines())}
+        return outcomes[device]
+
+    return run
+
+
+@pytest.mark.parametrize("case", list(CHECKED_CASES))
+def test_checked_mode_refuses_bad_indices_before_writing(device, case, checked_mode_outcomes):
+    """VLLM_MLA_OPS_CHECK_INDICES=1: the first position outside the cache, slot past it or slot
+    written twice raises a message naming it, with nothing written; valid indices (negative slots
+    included) are accepted and written."""
+    outcome, written = checked_mode_outcomes(device)[case]
+    message = CHECKED_CASES[case][2]
+    if message is None:
+        assert (outcome, written) == ("accepted", True)
+    else:
+        assert outcome.startswith(message) and outcome.endswith("found by VLLM_MLA_OPS_CHECK_INDICES=1"), outcome
+        assert not written
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k_side", ["bf16", "fp8"])
+def test_cuda_graph_replays_with_new_positions_slots_and_scales(k_side):
+    """Captured once, replayed after new positions, slots and scales are copied into the captured
+    tensors: each replay writes the reference of the values of the moment."""
+    args = _inputs("cuda", tokens=6, heads=16, q_fp8=k_side == "fp8", k_side=k_side)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _call(args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _call(args)
+    slots = args["kv_cache"].shape[0] * args["kv_cache"].shape[1]
+    for _ in range(2):
+        args["positions"].copy_(torch.randint(0, MAX_POSITION, args["positions"].shape, device="cuda"))
+        args["slot_mapping"].copy_(torch.randperm(slots, device="cuda")[:6])
+        for name in ("q_scale", "k_scale"):
+            if args[name] is not None:
+                args[name].copy_(torch.rand(1, device="cuda") + 0.1)
+        bits(args["q_out"]).copy_(random_bits(args["q_out"].shape, bits(args["q_out"]).dtype, "cuda"))
+        expected = _expected(args)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_outputs(args, expected)
+
+
+def test_traced_with_dynamic_shapes_matches_reference(device):
+    """torch.compile(fullgraph=True, dynamic=True, backend="aot_eager") of the Python function with
+    the K side (the fake and functionalization of both outputs): one graph for two token counts,
+    results equal to the reference."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=True, backend="aot_eager")
+    def prepare(ql_nope, q_pe, positions, cos_sin_cache, kv_c, k_pe, kv_cache, slot_mapping):
+        return vllm_mla_ops.concat_mla_rope(ql_nope, q_pe, positions, cos_sin_cache, kv_c=kv_c, k_pe=k_pe,
+                                            kv_cache=kv_cache, slot_mapping=slot_mapping)
+
+    for tokens in (3, 7):
+        args = _inputs(device, tokens=tokens, heads=4, nope_dim=16, rope_dim=8, kv_dim=16)
+        expected = _expected(args)
+        with torch.inference_mode():
+            q_out = prepare(args["ql_nope"], args["q_pe"], args["positions"], args["cos_sin_cache"], args["kv_c"],
+                            args["k_pe"], args["kv_cache"], args["slot_mapping"])
+        assert_equal_or_both_nan(q_out, expected["q_out"])
+        assert_equal_or_both_nan(args["kv_cache"], expected["kv_cache"], "kv_cache")
+    torch._dynamo.reset()
