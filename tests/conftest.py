@@ -1,9 +1,11 @@
-"""Shared fixtures of the vllm_mla_ops suite: the device parametrization, the per-test seed and the
-``--run-large`` switch. Data, layouts and references come from vllm_mla_ops.testing; pytest
-parameters and the storage-wide checks from mla_helpers.py."""
+"""Shared fixtures of the vllm_mla_ops suite: the device parametrization, the per-test seed, the
+``--run-large`` switch and the summary line that says why tests were skipped. Data, layouts and
+references come from vllm_mla_ops.testing; the op list, pytest parameters and the storage-wide
+checks from mla_helpers.py."""
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import pytest
@@ -32,6 +34,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_large)
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+# Why a run skipped tests wholesale (a pattern of the skip reasons, and what the summary says).
+SKIP_REASONS = {r"\bneeds? CUDA\b": "they need CUDA (no GPU here)",
+                r"^large: ": "they are marked large (opt in with --run-large)"}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line for each reason above that skipped tests, so a CPU-only run says why most of the
+    suite did not run."""
+    counts = dict.fromkeys(SKIP_REASONS, 0)
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        pattern = next((p for p in SKIP_REASONS if re.search(p, reason)), None)
+        if pattern is not None:
+            counts[pattern] += 1
+    for pattern, count in counts.items():
+        if count:
+            terminalreporter.write_line(f"{count} tests skipped: {SKIP_REASONS[pattern]}")
 
 
 @pytest.fixture(params=DEVICES)

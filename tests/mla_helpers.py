@@ -1,9 +1,12 @@
-"""What the tests share beyond vllm_mla_ops.testing: pytest parameters (dtypes, entry points, layout
-combinations, the CUDA kernels' pack and launch paths) and the two checks every test ends in, for
-either op: the op wrote exactly the reference, or it raised and wrote nothing.
+"""What the tests share beyond vllm_mla_ops.testing: the list of ops and how a test drives one
+(valid arguments, the two ways to call it, its reference), the pytest parameters (dtypes, layout
+combinations, the CUDA kernels' pack and launch paths), the brute-force overlap oracle, and the two
+checks every test ends in: the op wrote exactly its reference, or it raised and wrote nothing.
 
-Both checks compare raw bytes of whole storages, so a write outside q_out's elements (into a gap of a
-strided q_out, an input, the scale) fails as surely as a wrong value.
+Both checks compare raw bytes of whole storages, so a write outside the written tensor's elements
+(into a gap of a strided q_out, an input, the scale) fails as surely as a wrong value.
+
+A new op joins every op-parametrized test by adding its Op to OP_LIST (see Op).
 """
 
 from __future__ import annotations
@@ -41,32 +44,190 @@ from vllm_mla_ops.testing import (
 FP8 = torch.float8_e4m3fn
 HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 
-
-def call_op(ql_nope, q_pe, q_out, scale=None):
-    """The raw schema: concat_mla_q(ql_nope, q_pe, q_out), or concat_mla_q_fp8(..., q_out, scale)."""
-    if scale is None:
-        torch.ops._C.concat_mla_q.default(ql_nope, q_pe, q_out)
-    else:
-        torch.ops._C.concat_mla_q_fp8.default(ql_nope, q_pe, q_out, scale)
-    return q_out
-
-
-def call_api(ql_nope, q_pe, q_out, scale=None):
-    """The Python API with a given q_out, which it must return."""
-    if scale is None:
-        result = vllm_mla_ops.concat_mla_q(ql_nope, q_pe, out=q_out)
-    else:
-        result = vllm_mla_ops.concat_mla_q_fp8(ql_nope, q_pe, scale, out=q_out)
-    assert result is q_out
-    return result
-
-
-ENTRY_POINTS = [pytest.param(call_op, id="op"), pytest.param(call_api, id="api")]
+# The one shape set of the small tests: tokens, heads, nope_dim, rope_dim (and q_out's width).
+T, H, N, R = 6, 4, 12, 4
+W = N + R
 
 
 def scalar(value: float, device) -> torch.Tensor:
     """A per-tensor scale: one float32 element."""
     return torch.tensor([value], dtype=torch.float32, device=device)
+
+
+def poison(t: torch.Tensor) -> None:
+    """Fresh random bits in t's elements (written as raw integers: no float arithmetic involved)."""
+    bits(t).copy_(random_bits(t.shape, bits(t).dtype, t.device))
+
+
+# ----------------------------------------------------------------------------------------- ops
+
+
+_OUT_DTYPES: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op of the package as the tests drive it; OP_LIST holds them all.
+
+    * ``id``: its name in test ids.
+    * ``name``: the op under ``torch.ops._C`` (and the prefix of its error messages).
+    * ``function``: its Python function; ``out=`` fills the schema argument named by ``out``, the
+      other arguments go by their schema names.
+    * ``make_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale)``:
+      valid arguments as a dict in schema order (tests call it through valid_args).
+    * ``reference(args)``: ``{written argument: what it must hold after the call}``.
+    * ``compare(actual, expected, what)``: the comparison the op's contract calls for.
+    * ``out_dtype_error``: the message (after ``"{op}: "``) for a q_out of dtype ``{bad}`` when the
+      inputs are ``{dtype}``.
+    * ``scale``: the argument holding the static fp8 scale, for ops that quantize.
+    """
+
+    id: str
+    name: str
+    function: Callable
+    make_args: Callable[..., dict]
+    reference: Callable[[dict], dict]
+    compare: Callable
+    out_dtype_error: str
+    scale: str | None = None
+    out: str = "q_out"
+
+    @property
+    def raw(self):
+        return getattr(torch.ops._C, self.name).default
+
+    @property
+    def arg_names(self) -> list[str]:
+        return [a.name for a in self.raw._schema.arguments]
+
+    @property
+    def tensor_args(self) -> list[str]:
+        """The schema's tensor arguments, in order (optional ones included)."""
+        return [a.name for a in self.raw._schema.arguments if "Tensor" in str(a.type)]
+
+    @property
+    def written(self) -> list[str]:
+        """The arguments the schema marks as written (``Tensor(a!)``)."""
+        return [a.name for a in self.raw._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+    @property
+    def inputs(self) -> list[str]:
+        """The tensor arguments the op only reads."""
+        return [name for name in self.tensor_args if name not in self.written]
+
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """q_out's dtype for inputs of `dtype` (that of valid_args' q_out)."""
+        key = (self.id, dtype)
+        if key not in _OUT_DTYPES:
+            _OUT_DTYPES[key] = valid_args(self, "meta", dtype=dtype)[self.out].dtype
+        return _OUT_DTYPES[key]
+
+    def allocating(self, out_dtype: torch.dtype) -> Callable:
+        """A function of the op's arguments but ``out`` (positional, schema order) that allocates
+        ``out`` as ``ql_nope.new_empty([tokens, heads, nope_dim + rope_dim], dtype=out_dtype)``,
+        calls the raw op and returns it: what an engine's compiled graph does."""
+        raw, names = self.raw, self.arg_names  # read here, not in a traced function
+        given_names = [name for name in names if name != self.out]
+
+        def build(*values):
+            given = dict(zip(given_names, values))
+            ql_nope, q_pe = given["ql_nope"], given["q_pe"]
+            given[self.out] = ql_nope.new_empty(
+                (ql_nope.shape[0], ql_nope.shape[1], ql_nope.shape[2] + q_pe.shape[2]), dtype=out_dtype)
+            raw(*(given[name] for name in names))
+            return given[self.out]
+
+        return build
+
+    def filling(self) -> Callable:
+        """A function of all the op's arguments (positional, schema order) that calls the raw op and
+        returns ``out``."""
+        raw, index = self.raw, self.arg_names.index(self.out)
+
+        def fill(*values):
+            raw(*values)
+            return values[index]
+
+        return fill
+
+    def __repr__(self) -> str:
+        return self.id
+
+
+def _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, out_dtype) -> dict:
+    nope_layout, pe_layout, out_layout = layouts
+    return {"ql_nope": nope_layout((tokens, heads, nope_dim), dtype, device),
+            "q_pe": pe_layout((tokens, pe_heads, rope_dim), dtype, device),
+            "q_out": out_layout((tokens, heads, nope_dim + rope_dim), out_dtype, device)}
+
+
+def _concat_mla_q_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale):
+    return _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, dtype)
+
+
+def _concat_mla_q_fp8_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale):
+    args = _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, FP8)
+    return {**args, "scale": torch.full((1,), scale, dtype=torch.float32, device=device)}
+
+
+CONCAT_MLA_Q = Op(
+    "concat_mla_q", "concat_mla_q", vllm_mla_ops.concat_mla_q, _concat_mla_q_args,
+    lambda a: {"q_out": reference(a["ql_nope"], a["q_pe"])}, assert_bitwise_equal,
+    out_dtype_error="q_out must have ql_nope's dtype {dtype}, got {bad}")
+CONCAT_MLA_Q_FP8 = Op(
+    "concat_mla_q_fp8", "concat_mla_q_fp8", vllm_mla_ops.concat_mla_q_fp8, _concat_mla_q_fp8_args,
+    lambda a: {"q_out": reference_fp8(a["ql_nope"], a["q_pe"], a["scale"])}, assert_fp8_equal,
+    out_dtype_error="q_out must be torch.float8_e4m3fn, got {bad}", scale="scale")
+
+OP_LIST = [CONCAT_MLA_Q, CONCAT_MLA_Q_FP8]
+
+
+def valid_args(op: Op, device="cpu", *, case: str | None = None, dtype: torch.dtype = torch.bfloat16,
+               tokens: int = T, heads: int = H, nope_dim: int | None = None, rope_dim: int | None = None,
+               pe_heads: int | None = None, layouts: Sequence[Callable] | None = None, scale: float = 0.37) -> dict:
+    """Valid arguments of `op`: a dict in schema order, of fresh random bits (q_out's too, so a
+    missed element shows). `layouts` builds (ql_nope, q_pe, q_out) (default: contiguous), with
+    widths N and R unless given; `case` takes the layouts and widths of
+    vllm_mla_ops.testing.engine_inputs ("decode", "contiguous", "k_side") instead. `pe_heads` 1
+    gives a one-head q_pe; `scale` is the value of the fp8 ops' scale."""
+    if case is not None:
+        nope_layout, pe_layout, default_nope, default_rope = ENGINE_CASES[case]
+        layouts = layouts or (nope_layout, pe_layout, random_bits)
+    else:
+        default_nope, default_rope = N, R
+        layouts = layouts or (random_bits, random_bits, random_bits)
+    return op.make_args(device, dtype=dtype, tokens=tokens, heads=heads,
+                        nope_dim=default_nope if nope_dim is None else nope_dim,
+                        rope_dim=default_rope if rope_dim is None else rope_dim,
+                        pe_heads=heads if pe_heads is None else pe_heads, layouts=layouts, scale=scale)
+
+
+OPS = [pytest.param(op, id=op.id) for op in OP_LIST]
+# The ops that quantize with a static scale.
+FP8_OPS = [pytest.param(op, id=op.id) for op in OP_LIST if op.scale is not None]
+# The ops whose q_out has the inputs' dtype, so an input can be a view of q_out's own elements.
+SAME_DTYPE_OPS = [pytest.param(op, id=op.id) for op in OP_LIST if op.out_dtype(torch.bfloat16) == torch.bfloat16]
+
+
+def call_raw(op: Op, args: dict):
+    """The raw op, arguments positional in schema order; returns what it returned (None)."""
+    return op.raw(*args.values())
+
+
+def call_function(op: Op, args: dict) -> torch.Tensor:
+    """The Python function with torch's conventions (``out=`` for the written argument, the others
+    by name); it must return the tensor it was given as ``out``."""
+    result = op.function(**{("out" if name == op.out else name): value for name, value in args.items()})
+    assert result is args[op.out], "the function did not return its out= tensor"
+    return result
+
+
+def call_function_allocating(op: Op, args: dict) -> torch.Tensor:
+    """The Python function without ``out`` (``args[op.out]`` is ignored): returns what it allocated."""
+    return op.function(**{name: value for name, value in args.items() if name != op.out})
+
+
+CALLS = [pytest.param(call_raw, id="op"), pytest.param(call_function, id="api")]
 
 
 # ------------------------------------------------------------------------------------- layouts
@@ -145,6 +306,9 @@ ALIGNMENTS = [
 # ------------------------------------------------------------------------------------- storages
 
 
+# ------------------------------------------------------------------------------------- storages
+
+
 def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     """A uint8 tensor over the whole storage of `t` (aliasing it)."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
@@ -168,173 +332,6 @@ def assert_storages(before: dict, tensors: Sequence[torch.Tensor], what: str) ->
         now = storage_bytes(t)
         changed = (now != before[key]).nonzero()
         assert not changed.numel(), f"{what}: {changed.shape[0]} bytes differ, first at byte {changed[0].item()}"
-
-
-def expected_output(ql_nope, q_pe, scale=None) -> tuple[torch.Tensor, Callable]:
-    """The reference q_out of either op (the fp8 one when `scale` is given) and the comparison its
-    contract calls for: assert_bitwise_equal, or assert_fp8_equal for the fp8 op's NaN signs."""
-    if scale is None:
-        return reference(ql_nope, q_pe), assert_bitwise_equal
-    return reference_fp8(ql_nope, q_pe, scale), assert_fp8_equal
-
-
-def expect_reference(ql_nope, q_pe, q_out, scale=None) -> Callable[[], None]:
-    """check_writes_reference in two halves, for calls made elsewhere (another thread, a loop):
-    captures the expected result and every storage now, and returns the function that checks them."""
-    expected, compare = expected_output(ql_nope, q_pe, scale)
-    tensors = [t for t in (ql_nope, q_pe, q_out, scale) if t is not None]
-    before = snapshot(*tensors)
-
-    def check() -> None:
-        compare(q_out, expected)
-        # q_out's elements are checked above; the snapshot takes them as they are, so the storage
-        # comparison sees every other byte.
-        (key,) = _storages(q_out)
-        region = torch.empty(0, dtype=bits(q_out).dtype, device=q_out.device)
-        region.set_(before[key].untyped_storage(), q_out.storage_offset(), q_out.shape, q_out.stride())
-        region.copy_(bits(q_out))
-        assert_storages(before, tensors, "bytes outside q_out's elements changed")
-
-    return check
-
-
-def check_writes_reference(ql_nope, q_pe, q_out, scale=None, call: Callable = call_op):
-    """Runs `call` (with `scale` last when given: the fp8 op) and asserts that q_out's elements hold
-    the reference and that no other byte of any storage involved changed; returns what `call` did."""
-    check = expect_reference(ql_nope, q_pe, q_out, scale)
-    result = call(ql_nope, q_pe, q_out) if scale is None else call(ql_nope, q_pe, q_out, scale)
-    check()
-    return result
-
-
-def check_rejected(args: Sequence, message: str, call: Callable = call_op,
-                   error: type[BaseException] = RuntimeError) -> None:
-    """Asserts that `call(*args)` raises `error` containing `message` and leaves every byte of every
-    tensor argument's storage as it was."""
-    tensors = [t for t in args if isinstance(t, torch.Tensor)]
-    before = snapshot(*tensors)
-    with pytest.raises(error, match=re.escape(message)):
-        call(*args)
-    assert_storages(before, tensors, "a rejected call wrote")
-
-
-# ------------------------------------------------------------------------------------- the ops
-# Every test that is about "an op" takes `op` from OPS, builds the op's valid arguments with
-# valid_args (a dict in schema order, so one argument is replaced by name), calls it through one of
-# CALLS and checks the outcome with assert_writes_reference or assert_refused. A new op joins by
-# adding its Op to OP_LIST.
-
-# The one shape set of the small tests: tokens, heads, nope_dim, rope_dim (and q_out's width).
-T, H, N, R = 6, 4, 12, 4
-W = N + R
-
-
-@dataclasses.dataclass(frozen=True)
-class Op:
-    """One op of the package as the tests drive it.
-
-    * ``name``: the op's name under ``torch.ops._C`` (and the prefix of its error messages).
-    * ``function``: its Python function in vllm_mla_ops; ``out=`` fills the schema argument ``out``.
-    * ``make_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale)``:
-      valid arguments as a dict in schema order (see valid_args).
-    * ``reference(args)``: ``{written argument: what it must hold after the call}``.
-    * ``compare(actual, expected, what)``: the comparison the op's contract calls for.
-    * ``scale``: the name of the argument holding a static fp8 scale, if the op quantizes.
-    """
-
-    id: str
-    name: str
-    function: Callable
-    make_args: Callable[..., dict]
-    reference: Callable[[dict], dict]
-    compare: Callable
-    scale: str | None = None
-    out: str = "q_out"
-
-    @property
-    def raw(self):
-        return getattr(torch.ops._C, self.name).default
-
-    @property
-    def arg_names(self) -> list[str]:
-        return [a.name for a in self.raw._schema.arguments]
-
-    @property
-    def tensor_args(self) -> list[str]:
-        """The schema's tensor arguments (optional ones included)."""
-        return [a.name for a in self.raw._schema.arguments if "Tensor" in str(a.type)]
-
-    @property
-    def written(self) -> list[str]:
-        """The arguments the schema marks as written (``Tensor(a!)``)."""
-        return [a.name for a in self.raw._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-
-    def __repr__(self) -> str:
-        return self.id
-
-
-def _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, out_dtype) -> dict:
-    nope_layout, pe_layout, out_layout = layouts
-    return {"ql_nope": nope_layout((tokens, heads, nope_dim), dtype, device),
-            "q_pe": pe_layout((tokens, pe_heads, rope_dim), dtype, device),
-            "q_out": out_layout((tokens, heads, nope_dim + rope_dim), out_dtype, device)}
-
-
-def _concat_mla_q_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale):
-    return _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, dtype)
-
-
-def _concat_mla_q_fp8_args(device, *, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, scale):
-    args = _q_args(device, dtype, tokens, heads, nope_dim, rope_dim, pe_heads, layouts, FP8)
-    return {**args, "scale": scalar(scale, device)}
-
-
-CONCAT_MLA_Q = Op(
-    "concat_mla_q", "concat_mla_q", vllm_mla_ops.concat_mla_q, _concat_mla_q_args,
-    lambda a: {"q_out": reference(a["ql_nope"], a["q_pe"])}, assert_bitwise_equal)
-CONCAT_MLA_Q_FP8 = Op(
-    "concat_mla_q_fp8", "concat_mla_q_fp8", vllm_mla_ops.concat_mla_q_fp8, _concat_mla_q_fp8_args,
-    lambda a: {"q_out": reference_fp8(a["ql_nope"], a["q_pe"], a["scale"])}, assert_fp8_equal, scale="scale")
-
-OP_LIST = [CONCAT_MLA_Q, CONCAT_MLA_Q_FP8]
-OPS = [pytest.param(op, id=op.id) for op in OP_LIST]
-FP8_OPS = [pytest.param(op, id=op.id) for op in OP_LIST if op.scale is not None]
-
-
-def valid_args(op: Op, device="cpu", *, case: str | None = None, dtype=torch.bfloat16, tokens: int = T,
-               heads: int = H, nope_dim: int | None = None, rope_dim: int | None = None, pe_heads: int | None = None,
-               layouts: Sequence[Callable] | None = None, scale: float = 0.37) -> dict:
-    """Valid arguments of `op`, a dict in schema order, of fresh random bits (q_out's too, so a
-    missed element shows). `layouts` builds (ql_nope, q_pe, q_out) (default: contiguous);
-    `case` takes the layouts and widths of vllm_mla_ops.testing.engine_inputs ("decode",
-    "contiguous", "k_side") instead; otherwise the widths are N and R. `pe_heads` 1 gives a
-    one-head q_pe; `scale` is the fp8 ops' scale."""
-    if case is not None:
-        nope_layout, pe_layout, default_nope, default_rope = ENGINE_CASES[case]
-        layouts = layouts or (nope_layout, pe_layout, random_bits)
-    else:
-        default_nope, default_rope = N, R
-        layouts = layouts or (random_bits, random_bits, random_bits)
-    return op.make_args(device, dtype=dtype, tokens=tokens, heads=heads,
-                        nope_dim=default_nope if nope_dim is None else nope_dim,
-                        rope_dim=default_rope if rope_dim is None else rope_dim,
-                        pe_heads=heads if pe_heads is None else pe_heads, layouts=layouts, scale=scale)
-
-
-def call_raw(op: Op, args: dict):
-    """The raw op, arguments positional in schema order; returns what it returned (None)."""
-    return op.raw(*args.values())
-
-
-def call_function(op: Op, args: dict) -> torch.Tensor:
-    """The Python function with torch's conventions (``out=`` for the written argument, the others
-    by name); it must return the tensor it was given as ``out``."""
-    result = op.function(**{("out" if name == op.out else name): value for name, value in args.items()})
-    assert result is args[op.out], "the function did not return its out= tensor"
-    return result
-
-
-CALLS = [pytest.param(call_raw, id="op"), pytest.param(call_function, id="api")]
 
 
 def _tensors(args: dict) -> list[torch.Tensor]:
@@ -382,6 +379,53 @@ def assert_refused(op: Op, args: dict, message: str, call: Callable = call_raw,
     with pytest.raises(error, match=re.escape(message)):
         call(op, args)
     assert_storages(before, tensors, "a refused call wrote")
+
+
+# ------------------------------------------------------------------------------- overlap oracle
+
+
+def _byte_addresses(t: torch.Tensor) -> torch.Tensor:
+    """Every byte address each element of `t` covers (brute force over its indices; int64, CPU)."""
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    size = t.element_size()
+    extent = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    elements = torch.arange(extent).as_strided(t.shape, t.stride(), t.storage_offset()).flatten()
+    start = t.untyped_storage().data_ptr() + elements * size
+    return (start[:, None] + torch.arange(size)).flatten()
+
+
+def is_nope_half_of(ql_nope: torch.Tensor, q_out: torch.Tensor) -> bool:
+    """Whether ql_nope is exactly q_out[..., :nope_dim] (same address and dtype, q_out's tokens and
+    heads, and its strides on every dim of more than one index): where a bmm wrote its product into
+    q_out. The ops then write only the rope half; any other overlap is an error."""
+    return (ql_nope.dtype == q_out.dtype and ql_nope.data_ptr() == q_out.data_ptr()
+            and ql_nope.shape[:2] == q_out.shape[:2] and ql_nope.shape[2] <= q_out.shape[2]
+            and all(n <= 1 or a == b for n, a, b in zip(ql_nope.shape, ql_nope.stride(), q_out.stride())))
+
+
+def overlap_message(op: Op, args: dict) -> str | None:
+    """What the validator must decide about memory overlap, from byte sets: None (no overlap) or the
+    message of the first failed check: each written tensor addressing a byte from two indices, then
+    sharing a byte with each other tensor argument, in schema order (ql_nope exactly q_out's nope
+    half excepted, see is_nope_half_of)."""
+    for name in op.written:
+        out = args[name]
+        out_bytes = _byte_addresses(out)
+        if out_bytes.unique().numel() < out_bytes.numel():
+            return (f"{op.name}: {name} must not overlap itself, got shape {list(out.shape)} with strides "
+                    f"{list(out.stride())}, which address one element from two indices")
+        for other in op.tensor_args:
+            if other == name or args[other] is None:
+                continue
+            if other == "ql_nope" and name == op.out and is_nope_half_of(args[other], out):
+                continue
+            if bool(torch.isin(_byte_addresses(args[other]), out_bytes).any()):
+                return f"{op.name}: {name} must not overlap {other} in memory, got views that share bytes"
+    return None
+
+
+# ------------------------------------------------------------------------------------- process
 
 
 def assert_process_usable(op: Op, device) -> None:

@@ -75,8 +75,9 @@ def _cpp_templates() -> list[tuple[str, list, str]]:
 
 def _py_templates() -> list[tuple[str, list, str]]:
     """The message of every torch._check(..., lambda: message) (a RuntimeError) and
-    `raise X(message)` (an X) in vllm_mla_ops/; f-string fields naming a module-level string
-    constant are inlined."""
+    `raise X(message)` (an X) in vllm_mla_ops/, where `message` is a string, or a call of a function
+    of the module whose returned strings are the messages; f-string fields naming a module-level
+    string constant are inlined."""
     found = []
     # The op modules; testing.py's assertion messages are the test helpers', not the package's errors.
     for path in sorted(p for p in PACKAGE_DIR.glob("*.py") if p.name != "testing.py"):
@@ -100,15 +101,21 @@ def _py_templates() -> list[tuple[str, list, str]]:
                 return out
             return None
 
+        returned = {node.name: [r.value for r in ast.walk(node) if isinstance(r, ast.Return) and r.value is not None]
+                    for node in tree.body if isinstance(node, ast.FunctionDef)}
         for node in ast.walk(tree):
-            message = None
+            messages = []
             if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch._check", "_check")
                     and len(node.args) > 1 and isinstance(node.args[1], ast.Lambda)):
-                message, raised = node.args[1].body, "RuntimeError"
+                messages, raised = [node.args[1].body], "RuntimeError"
             elif isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
                 message, raised = node.exc.args[0], ast.unparse(node.exc.func)
-            if message is not None and pieces(message) is not None:
-                found.append((f"{path.name}:{node.lineno}", pieces(message), raised))
+                messages = [message]
+                if isinstance(message, ast.Call) and isinstance(message.func, ast.Name):
+                    messages = returned.get(message.func.id, [])
+            for message in messages:
+                if pieces(message) is not None:
+                    found.append((f"{path.name}:{message.lineno}", pieces(message), raised))
     return found
 
 

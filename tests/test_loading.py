@@ -117,7 +117,7 @@ def test_build_info_and_version():
 def test_extension_is_an_abi3_module_of_the_package():
     assert EXTENSION.parent == PACKAGE_DIR
     assert EXTENSION.name == "_C.abi3.so"
-    assert vllm_mla_ops.__all__ == ["__version__", "build_info", "concat_mla_q", "concat_mla_q_fp8"]
+    assert vllm_mla_ops.__all__ == ["__version__", "build_info", "concat_mla_q", "concat_mla_q_fp8", "concat_mla_rope"]
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")

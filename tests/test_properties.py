@@ -1,9 +1,9 @@
-"""Property tests: hypothesis draws token counts, head counts, nope and rope widths, a dtype and, for
-each of the three tensors, its own layout (contiguous, token/head-transposed storage, a slice of a
-wider buffer at a random element offset, a strided last dim; for q_pe also one head or heads expanded
-with stride 0).
+"""Property tests, for every op: hypothesis draws token counts, head counts, nope and rope widths, a
+dtype, a scale and, for each of the three tensors, its own layout (contiguous, token/head-transposed
+storage, a slice of a wider buffer at a random element offset, a strided last dim; for q_pe also one
+head or heads expanded with stride 0).
 
-* Valid draws: q_out holds torch.cat's bits (random bit patterns, NaNs included; q_out poisoned
+* Valid draws: q_out holds the op's reference (random bit patterns, NaNs included; q_out poisoned
   with random bits beforehand), and no byte outside q_out's elements changes (gaps, inputs).
 * Invalid draws, one test per kind of fault (a dtype, a size, q_out overlapping itself or an input
   through a shared buffer, a tensor on another device): RuntimeError with the validator's message,
@@ -22,10 +22,19 @@ from typing import Callable
 
 import pytest
 import torch
-from hypothesis import event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from mla_helpers import FP8, call_api, call_op, check_rejected, check_writes_reference, scalar
+from mla_helpers import (
+    CALLS,
+    FP8,
+    OPS,
+    OP_LIST,
+    assert_refused,
+    assert_writes_reference,
+    is_nope_half_of,
+    valid_args,
+)
 from vllm_mla_ops.testing import (
     contiguous,
     heads_major,
@@ -43,7 +52,6 @@ from vllm_mla_ops.testing import (
 ELEMENT_BUDGET = 2_000_000
 MAX_TOKENS = 300
 HALF = (torch.float16, torch.bfloat16)
-OPS = ["concat_mla_q", "concat_mla_q_fp8"]
 
 VALID_EXAMPLES = settings.default.max_examples
 # Each kind of invalid input is its own test, so every kind is drawn: 25 a kind and op in "ci".
@@ -104,7 +112,7 @@ class Problem:
     out_layout: Callable
     scale: float
     seed: int
-    op: str = "concat_mla_q"  # the fp8 op when "concat_mla_q_fp8": q_out float8_e4m3fn, `scale` used
+    op: object = None  # an mla_helpers.Op, set by the test
 
     @property
     def width(self) -> int:
@@ -112,7 +120,7 @@ class Problem:
 
     @property
     def out_dtype(self) -> torch.dtype:
-        return self.dtype if self.op == "concat_mla_q" else FP8
+        return self.op.out_dtype(self.dtype)
 
     def nope(self, device, dtype=None, shape=None):
         return self.nope_layout(shape or (self.tokens, self.heads, self.nope_dim), dtype or self.dtype, device)
@@ -124,13 +132,14 @@ class Problem:
     def out(self, device, dtype=None, shape=None):
         return self.out_layout(shape or (self.tokens, self.heads, self.width), dtype or self.out_dtype, device)
 
-    def args(self, device, ql_nope=None, q_pe=None, q_out=None, scale=None) -> tuple:
-        """The op's arguments: the drawn ones, but for those given."""
-        args = (self.nope(device) if ql_nope is None else ql_nope, self.pe(device) if q_pe is None else q_pe,
-                self.out(device) if q_out is None else q_out)
-        if self.op == "concat_mla_q":
-            return args
-        return (*args, scalar(self.scale, device) if scale is None else scale)
+    def args(self, device, **given) -> dict:
+        """The op's arguments (mla_helpers.valid_args with the drawn sizes, layouts and scale), but
+        for those `given` by name."""
+        args = valid_args(self.op, device, dtype=self.dtype, tokens=self.tokens, heads=self.heads,
+                          nope_dim=self.nope_dim, rope_dim=self.rope_dim,
+                          layouts=(self.nope_layout, self.pe_layout, self.out_layout), scale=self.scale)
+        args.update(given)
+        return args
 
     def record(self) -> None:
         """Statistics for --hypothesis-show-statistics: which layouts and sizes the run covered."""
@@ -163,7 +172,7 @@ def problems(draw) -> Problem:
                    draw(st.integers(0, 2**31 - 1)))
 
 
-ENTRY = st.sampled_from([call_op, call_api])
+ENTRY = st.sampled_from([p.values[0] for p in CALLS])
 
 
 def _seed(problem: Problem) -> None:
@@ -177,11 +186,12 @@ def _seed(problem: Problem) -> None:
 @settings(max_examples=VALID_EXAMPLES)
 @given(problem=problems(), call=ENTRY)
 def test_valid_draws_match_the_reference(device, op, problem, call):
-    """concat_mla_q: torch.cat's bits; concat_mla_q_fp8: the quantized reference at the drawn scale."""
+    """The op's reference (concat_mla_q: torch.cat's bits; concat_mla_q_fp8: the quantized reference
+    at the drawn scale)."""
     problem = dataclasses.replace(problem, op=op)
     problem.record()
     _seed(problem)
-    check_writes_reference(*problem.args(device), call=call)
+    assert_writes_reference(op, problem.args(device), call=call)
 
 
 # ---------------------------------------------------------------------------------- invalid
@@ -195,18 +205,16 @@ def _pick_other(draw, lo: int, hi: int, avoid) -> int:
 def _wrong_dtype(draw, p: Problem, device, which: str):
     if which == "ql_nope":
         bad = draw(st.sampled_from([torch.float32, torch.float64, torch.int16, torch.uint8, torch.int32]))
-        return p.args(device, ql_nope=p.nope(device, dtype=bad)), f"{p.op}: ql_nope must be float16 or bfloat16 dtype, got {bad}"
+        return (p.args(device, ql_nope=p.nope(device, dtype=bad)),
+                f"{p.op.name}: ql_nope must be float16 or bfloat16 dtype, got {bad}")
     other_half = HALF[1 - HALF.index(p.dtype)]
     if which == "q_pe":
         bad = draw(st.sampled_from([other_half, torch.float32, torch.int16, torch.uint8]))
         return (p.args(device, q_pe=p.pe(device, dtype=bad)),
-                f"{p.op}: q_pe must have ql_nope's dtype {p.dtype}, got {bad}")
-    if p.op == "concat_mla_q":
-        bad = draw(st.sampled_from([other_half, torch.float32, torch.int16, torch.uint8, FP8]))
-        message = f"{p.op}: q_out must have ql_nope's dtype {p.dtype}, got {bad}"
-    else:
-        bad = draw(st.sampled_from([p.dtype, other_half, torch.float8_e5m2, torch.uint8, torch.float32]))
-        message = f"{p.op}: q_out must be torch.float8_e4m3fn, got {bad}"
+                f"{p.op.name}: q_pe must have ql_nope's dtype {p.dtype}, got {bad}")
+    candidates = [p.dtype, other_half, torch.float32, torch.int16, torch.uint8, FP8, torch.float8_e5m2]
+    bad = draw(st.sampled_from([t for t in candidates if t != p.out_dtype]))
+    message = f"{p.op.name}: " + p.op.out_dtype_error.format(dtype=p.dtype, bad=bad)
     return p.args(device, q_out=p.out(device, dtype=bad)), message
 
 
@@ -220,7 +228,7 @@ def _wrong_size(draw, p: Problem, device, what: str):
             shape = (t, _pick_other(draw, 0, h + 3, {h, 1}), p.rope_dim)
             layout = heads_stride_0 if p.pe_layout is one_head else None
         q_pe = p.pe(device, shape=shape, layout=layout)
-        message = (f"{p.op}: q_pe must be [tokens, heads or 1, rope_dim] with tokens={t} and heads={h} "
+        message = (f"{p.op.name}: q_pe must be [tokens, heads or 1, rope_dim] with tokens={t} and heads={h} "
                    f"from ql_nope, got shape {list(q_pe.shape)}")
         return p.args(device, q_pe=q_pe), message
     shape = {
@@ -228,7 +236,7 @@ def _wrong_size(draw, p: Problem, device, what: str):
         "q_out heads": lambda: (t, _pick_other(draw, 0, h + 3, {h}), w),
         "q_out width": lambda: (t, h, _pick_other(draw, 0, w + 8, {w})),
     }[what]()
-    message = (f"{p.op}: q_out must be [tokens, heads, nope_dim + rope_dim] = [{t}, {h}, {w}], "
+    message = (f"{p.op.name}: q_out must be [tokens, heads, nope_dim + rope_dim] = [{t}, {h}, {w}], "
                f"got shape {list(shape)}")
     return p.args(device, q_out=p.out(device, shape=shape)), message
 
@@ -237,23 +245,23 @@ def _wrong_scale(draw, p: Problem, device, what: str):
     if what == "scale dtype":
         bad = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.int32]))
         scale = torch.tensor([p.scale], device=device).to(bad)
-        return p.args(device, scale=scale), f"{p.op}: scale must be a torch.float32 tensor, got {bad}"
+        return p.args(device, scale=scale), f"{p.op.name}: scale must be a torch.float32 tensor, got {bad}"
     shape = draw(st.sampled_from([(0,), (2,), (p.tokens + 2,), (1, 3), (2, 1, 1)]))
     scale = torch.full(shape, p.scale, device=device)
-    return p.args(device, scale=scale), (f"{p.op}: scale must have one element (a per-tensor scale), "
+    return p.args(device, scale=scale), (f"{p.op.name}: scale must have one element (a per-tensor scale), "
                                          f"got shape {list(shape)}")
 
 
-WITH_NOPE = "concat_mla_q: q_out must not overlap ql_nope in memory, got views that share bytes"
-WITH_PE = "concat_mla_q: q_out must not overlap q_pe in memory, got views that share bytes"
+def _overlap(p: Problem, name: str) -> str:
+    return f"{p.op.name}: q_out must not overlap {name} in memory, got views that share bytes"
 
 
 def _input_inside_out(draw, p: Problem, device, which: str):
     """The input is a view of some of q_out's own elements (q_out in its drawn layout)."""
     q_out = p.out(device)
-    if which == "ql_nope":
-        col = draw(st.integers(0, p.rope_dim))
-        return (q_out[..., col : col + p.nope_dim], p.pe(device), q_out), WITH_NOPE
+    if which == "ql_nope":  # not q_out[..., :nope_dim], which the ops accept (see is_nope_half_of)
+        col = draw(st.integers(1, p.rope_dim))
+        return p.args(device, ql_nope=q_out[..., col : col + p.nope_dim], q_out=q_out), _overlap(p, "ql_nope")
     col = draw(st.integers(0, p.nope_dim))
     form = draw(st.sampled_from(["all heads", "one head", "one head expanded"]))
     if form == "all heads":
@@ -263,7 +271,7 @@ def _input_inside_out(draw, p: Problem, device, which: str):
         q_pe = q_out[:, head : head + 1, col : col + p.rope_dim]
         if form == "one head expanded":
             q_pe = q_pe.expand(p.tokens, p.heads, p.rope_dim)
-    return (p.nope(device), q_pe, q_out), WITH_PE
+    return p.args(device, q_pe=q_pe, q_out=q_out), _overlap(p, "q_pe")
 
 
 def _dense_views_of_one_buffer(draw, p: Problem, device, which: str):
@@ -282,8 +290,8 @@ def _dense_views_of_one_buffer(draw, p: Problem, device, which: str):
     else:
         view = piece.view(t, h, dim)
     if which == "ql_nope":
-        return (view, p.pe(device), q_out), WITH_NOPE
-    return (p.nope(device), view, q_out), WITH_PE
+        assume(not is_nope_half_of(view, q_out))  # the ops accept it (see is_nope_half_of)
+    return p.args(device, **{which: view, "q_out": q_out}), _overlap(p, which)
 
 
 def _out_overlaps_itself(draw, p: Problem, device):
@@ -301,19 +309,18 @@ def _out_overlaps_itself(draw, p: Problem, device):
     offset = draw(st.integers(0, 67))
     extent = offset + sum((n - 1) * s for n, s in zip((t, h, w), strides)) + 1
     q_out = random_bits((extent,), p.out_dtype, device).as_strided((t, h, w), strides, offset)
-    return p.args(device, q_out=q_out), f"{p.op}: q_out must not overlap itself, got shape "
+    return p.args(device, q_out=q_out), f"{p.op.name}: q_out must not overlap itself, got shape "
 
 
 def _mixed_devices(draw, p: Problem, device):
-    args = list(p.args(device))
-    which = draw(st.sampled_from(range(len(args))))
+    """One tensor argument moved to the CPU: the first argument (after ql_nope, in schema order) on
+    another device than ql_nope is named."""
+    args = p.args(device)
+    which = draw(st.sampled_from(p.op.tensor_args))
     args[which] = args[which].cpu()
-    if which == 0:
-        message = f"{p.op}: q_pe must be on ql_nope's device cpu, got {args[1].device}"
-    else:
-        name = ("q_pe", "q_out", "scale")[which - 1]
-        message = f"{p.op}: {name} must be on ql_nope's device {args[0].device}, got cpu"
-    return tuple(args), message
+    first = next(name for name in p.op.tensor_args[1:] if args[name].device != args["ql_nope"].device)
+    message = f"{p.op.name}: {first} must be on ql_nope's device {args['ql_nope'].device}, got {args[first].device}"
+    return args, message
 
 
 MUTATIONS = {
@@ -334,12 +341,21 @@ MUTATIONS = {
     "scale dtype": lambda draw, p, d: _wrong_scale(draw, p, d, "scale dtype"),
     "scale size": lambda draw, p, d: _wrong_scale(draw, p, d, "scale size"),
 }
-# The fp8 op's overlaps between tensors of different element sizes are enumerated in test_fp8.py.
-BF16_ONLY = {"ql_nope inside q_out", "q_pe inside q_out", "ql_nope shares q_out's buffer",
-             "q_pe shares q_out's buffer"}
-FP8_ONLY = {"scale dtype", "scale size"}
-INVALID_CASES = [pytest.param(op, mutation, id=f"{op}-{mutation}") for op in OPS for mutation in MUTATIONS
-                 if mutation not in (BF16_ONLY if op == "concat_mla_q_fp8" else FP8_ONLY)]
+# Inputs as views of q_out's elements need q_out of the inputs' dtype; overlaps between tensors of
+# different element sizes are test_validation.py's (its enumerated cases and its brute-force draws).
+SAME_DTYPE_ONLY = {"ql_nope inside q_out", "q_pe inside q_out", "ql_nope shares q_out's buffer",
+                   "q_pe shares q_out's buffer"}
+SCALE_ONLY = {"scale dtype", "scale size"}
+
+
+def _applies(op, mutation: str) -> bool:
+    if mutation in SAME_DTYPE_ONLY:
+        return op.out_dtype(torch.bfloat16) == torch.bfloat16
+    return mutation not in SCALE_ONLY or op.scale is not None
+
+
+INVALID_CASES = [pytest.param(op, mutation, id=f"{op.id}-{mutation}") for op in OP_LIST for mutation in MUTATIONS
+                 if _applies(op, mutation)]
 NEEDS_ELEMENTS = {"ql_nope inside q_out", "q_pe inside q_out", "ql_nope shares q_out's buffer",
                   "q_pe shares q_out's buffer", "q_out overlaps itself"}
 
@@ -354,6 +370,8 @@ def test_invalid_draws_raise_and_write_nothing(device, op, mutation, problem, ca
     problem.record()
     if mutation in NEEDS_ELEMENTS and problem.tokens == 0:
         problem = dataclasses.replace(problem, tokens=1)  # an empty q_out overlaps nothing, not even itself
+    if mutation == "ql_nope inside q_out" and problem.rope_dim == 0:
+        problem = dataclasses.replace(problem, rope_dim=1)  # room for a ql_nope that is not q_out's nope half
     _seed(problem)
     args, message = MUTATIONS[mutation](data.draw, problem, device)
-    check_rejected(args, message, call=call)
+    assert_refused(op, args, message, call=call)

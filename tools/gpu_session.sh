@@ -51,7 +51,7 @@ if want memcheck; then
   for tool in ${SANITIZERS:-memcheck}; do
     step "compute-sanitizer $tool over the CUDA tests"
     compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -rfs -p no:cacheprovider -k "$SANITIZED" \
-      tests/test_concat_mla_q.py tests/test_fp8.py tests/test_cuda.py tests/test_properties.py tests/test_hostile.py \
+      tests/test_valid_inputs.py tests/test_validation.py tests/test_cuda.py tests/test_properties.py tests/test_hostile.py \
       >"$out/sanitizer_$tool.log" 2>&1
     echo "$tool exit code $?"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$out/sanitizer_$tool.log" | tail -5

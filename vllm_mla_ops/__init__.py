@@ -57,8 +57,9 @@ def concat_mla_q(ql_nope: torch.Tensor, q_pe: torch.Tensor, *, out: torch.Tensor
         q_pe: ``[tokens, heads, rope_dim]``, or ``[tokens, 1, rope_dim]`` for one rope row shared by
             every head; ``ql_nope``'s dtype and device, any strides (0 too, from ``expand``).
         out: where to write: ``[tokens, heads, nope_dim + rope_dim]`` with ``ql_nope``'s dtype and
-            device, any strides that address each element once, sharing no byte with the inputs.
-            ``None`` (the default) allocates a contiguous one.
+            device, any strides that address each element once, sharing no byte with the inputs
+            (except ``ql_nope`` being exactly ``out[..., :nope_dim]``, where a bmm wrote it: then
+            only the rope half is written). ``None`` (the default) allocates a contiguous one.
 
     Returns:
         ``out``, or the tensor allocated when it is ``None``.
@@ -68,9 +69,9 @@ def concat_mla_q(ql_nope: torch.Tensor, q_pe: torch.Tensor, *, out: torch.Tensor
             else is checked).
         RuntimeError: on any other dtype, rank, shape, device, storage bound or overlap; in grad
             mode, an argument with ``requires_grad=True`` (the op is inference-only: call it under
-            ``torch.no_grad()`` or ``torch.inference_mode()``); an ``out`` created under
-            ``torch.inference_mode()`` written outside it. Always before anything is written
-            (docs/errors.md lists every message).
+            ``torch.no_grad()`` or ``torch.inference_mode()``); in grad mode, an ``out`` created
+            under ``torch.inference_mode()``. Always before anything is written (docs/errors.md
+            lists every message).
     """
     _check_tensors("concat_mla_q", ql_nope=ql_nope, q_pe=q_pe)
     if out is None:

@@ -8,7 +8,8 @@ results the same way:
 * Layout builders ``(shape, dtype, device) -> Tensor``: a view of logical shape ``[T, H, D]`` over a
   buffer of fresh random bits (its gaps are random too). ``shifted`` and ``strided_last_dim`` make
   builders for any offset, row pitch and last-dim step.
-* ``engine_inputs``: the layouts inference engines hand to the ops.
+* ``engine_inputs`` (and ``ENGINE_CASES``, its layouts and widths): the layouts inference engines
+  hand to the ops.
 * ``reference``, ``reference_fp8``: what the concat ops must write, from ``torch.cat``;
   ``reference_rope`` (with ``rope_reference`` and ``quantize_kv_fp8``): what ``concat_mla_rope``
   must write, from torch's eager float32 arithmetic.
@@ -181,8 +182,9 @@ def reference(ql_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
 
 def reference_fp8(ql_nope: torch.Tensor, q_pe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Static per-tensor e4m3fn quantization of ``reference`` (vLLM's ``QuantFP8.forward_native``)."""
-    cat = reference(ql_nope, q_pe)
-    return (cat.float() * scale.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scaled = reference(ql_nope, q_pe).float()
+    scaled.mul_(scale.reciprocal()).clamp_(-448, 448)  # in place: the same values, no full-size temporaries
+    return scaled.to(torch.float8_e4m3fn)
 
 
 def _difference(what: str, actual: torch.Tensor, expected: torch.Tensor, differ: torch.Tensor) -> str:
