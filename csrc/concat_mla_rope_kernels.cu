@@ -2,6 +2,8 @@
 // KV-cache write (+fp8) of an MLA layer in one launch. A block holds rows of one token: query rows
 // (token, head) and, with the K side, the token's cache row; a thread moves one pack of the nope
 // (or kv_c) half, or rotates the pairs of one rope unit.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -26,19 +28,23 @@ using namespace vllm_mla_ops;
 // One concat_mla_rope launch: pointers, element strides and widths. The query rows are (token,
 // head) rows of q_out; with the K side each token also has one cache row. A row's units are the
 // packs of N elements of its nope (or kv_c) half, then its rope units of kPairs rotated pairs.
-template <typename scalar_t>
+// Index: uint32_t when every element offset of every tensor fits (fewer instructions a thread, and
+// at decode sizes the kernel's time is its instruction chain), else int64_t.
+template <typename scalar_t, typename Index>
 struct RopeGeometry {
   const scalar_t *nope, *pe, *kv_c, *k_pe;
   const void* cos_sin;
   const int64_t *positions, *slots;
   void *out, *cache;
-  int64_t nope_s0, nope_s1, nope_s2, pe_s0, pe_s1, pe_s2, out_s0, out_s1, out_s2;
-  int64_t kv_c_s0, kv_c_s1, k_pe_s0, k_pe_s1, cache_s0, cache_s1, cache_s2, cos_sin_s0, cos_sin_s1;
-  int64_t positions_s0, slots_s0, tokens, max_position, num_slots, block_size;
+  Index nope_s0, nope_s1, pe_s0, pe_s1, out_s0, out_s1, cos_sin_s0, positions_s0;
+  Index kv_c_s0, k_pe_s0, cache_s0, cache_s1, slots_s0, block_size;
+  int64_t tokens, max_position, num_slots;
   int32_t heads, nope_dim, kv_dim, half;      // half: rope_dim / 2
   int32_t nope_units, kv_units, rope_units;   // nope_units is 0 when ql_nope is q_out's nope half
   bool cos_sin_is_float, cos_sin_vector;      // vector: float32 rows read as float4 (aligned, unit stride)
   bool has_k;
+  // Last-dim strides, read only by one-element packs (else 1, host-checked).
+  Index nope_s2, pe_s2, out_s2, kv_c_s1, k_pe_s1, cache_s2, cos_sin_s1;
 };
 
 template <typename scalar_t, int N>
@@ -54,12 +60,26 @@ __device__ void store(typename Convert::out_t* p, const scalar_t (&src)[N], cons
   __stwb(reinterpret_cast<Pack<typename Convert::out_t, N>*>(p), convert(pack));
 }
 
+// (a, b) rounded to scalar_t, a in the low half: one conversion instruction for the pair.
+template <typename scalar_t>
+__device__ uint32_t round_pair(float a, float b) {
+  uint32_t word;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    memcpy(&word, &v, sizeof(word));
+  } else {
+    const __half2 v = __floats2half2_rn(a, b);
+    memcpy(&word, &v, sizeof(word));
+  }
+  return word;
+}
+
 // cos and sin of pairs i0 .. i0 + kPairs - 1 at position pos; NaN for a position outside the cache.
-template <typename scalar_t, int kPairs>
-__device__ void load_cos_sin(const RopeGeometry<scalar_t>& g, int64_t pos, int i0, float (&c)[kPairs],
+template <typename scalar_t, typename Index, int kPairs>
+__device__ void load_cos_sin(const RopeGeometry<scalar_t, Index>& g, int64_t pos, int i0, float (&c)[kPairs],
                              float (&s)[kPairs]) {
   const bool valid = pos >= 0 && pos < g.max_position;
-  const int64_t row = (valid ? pos : 0) * g.cos_sin_s0;
+  const Index row = static_cast<Index>(valid ? pos : 0) * g.cos_sin_s0;
   if constexpr (kPairs % 4 == 0) {
     if (g.cos_sin_vector) {
       const auto* base = static_cast<const float*>(g.cos_sin) + row;
@@ -79,7 +99,7 @@ __device__ void load_cos_sin(const RopeGeometry<scalar_t>& g, int64_t pos, int i
   }
 #pragma unroll
   for (int k = 0; k < kPairs; ++k) {
-    const int64_t cos_at = row + (i0 + k) * g.cos_sin_s1, sin_at = row + (g.half + i0 + k) * g.cos_sin_s1;
+    const Index cos_at = row + (i0 + k) * g.cos_sin_s1, sin_at = row + (g.half + i0 + k) * g.cos_sin_s1;
     if (g.cos_sin_is_float) {
       c[k] = __ldg(static_cast<const float*>(g.cos_sin) + cos_at);
       s[k] = __ldg(static_cast<const float*>(g.cos_sin) + sin_at);
@@ -96,16 +116,16 @@ __device__ void load_cos_sin(const RopeGeometry<scalar_t>& g, int64_t pos, int i
 // pack (N == 1: one element a load); NeoX pairs are (i, i + half), kPairs = N of them in two packs.
 // Each row's packs are loaded before the position is needed. Each product is rounded on its own
 // (__fmul_rn is never fused into an FMA), then the sum, then once to scalar_t.
-template <typename scalar_t, int N, bool kNeox, int kRows, typename Convert>
-__device__ void rope_unit(const RopeGeometry<scalar_t>& g, const scalar_t* const (&x)[kRows], int64_t x_s,
-                          typename Convert::out_t* const (&y)[kRows], int64_t y_s, const int64_t* position, int r,
+template <typename scalar_t, int N, bool kNeox, int kRows, typename Index, typename Convert>
+__device__ void rope_unit(const RopeGeometry<scalar_t, Index>& g, const scalar_t* const (&x)[kRows], Index x_s,
+                          typename Convert::out_t* const (&y)[kRows], Index y_s, const int64_t* position, int r,
                           const Convert& convert) {
   constexpr int kPairs = kNeox ? N : (N > 1 ? N / 2 : 1);
   constexpr bool kTwoLoads = kNeox || N == 1;  // a and b halves in separate packs
   constexpr int kLoad = kTwoLoads ? kPairs : N;
   const int i0 = r * kPairs;
-  const int64_t a_at = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : x_s);
-  const int64_t b_at = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : x_s);
+  const Index a_at = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : x_s);
+  const Index b_at = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : x_s);
   scalar_t a_in[kRows][kLoad], b_in[kRows][kTwoLoads ? kLoad : 1];
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
@@ -114,21 +134,34 @@ __device__ void rope_unit(const RopeGeometry<scalar_t>& g, const scalar_t* const
   }
   float c[kPairs], s[kPairs];
   load_cos_sin(g, __ldg(position), i0, c, s);
-  const int64_t ya = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : y_s), yb = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : y_s);
+  const Index ya = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : y_s), yb = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : y_s);
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
-    scalar_t a_out[kLoad], b_out[kTwoLoads ? kLoad : 1];
+    float a_rot[kPairs], b_rot[kPairs];
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const float a = static_cast<float>(kTwoLoads ? a_in[j][k] : a_in[j][2 * k]);
       const float b = static_cast<float>(kTwoLoads ? b_in[j][k] : a_in[j][2 * k + 1]);
-      const scalar_t a_rot(__fsub_rn(__fmul_rn(a, c[k]), __fmul_rn(b, s[k])));
-      const scalar_t b_rot(__fadd_rn(__fmul_rn(b, c[k]), __fmul_rn(a, s[k])));
-      if constexpr (kTwoLoads) {
-        a_out[k] = a_rot, b_out[k] = b_rot;
-      } else {
-        a_out[2 * k] = a_rot, a_out[2 * k + 1] = b_rot;
+      a_rot[k] = __fsub_rn(__fmul_rn(a, c[k]), __fmul_rn(b, s[k]));
+      b_rot[k] = __fadd_rn(__fmul_rn(b, c[k]), __fmul_rn(a, s[k]));
+    }
+    scalar_t a_out[kLoad], b_out[kTwoLoads ? kLoad : 1];
+    if constexpr (kPairs == 1) {  // one-element packs: one element each
+      a_out[0] = scalar_t(a_rot[0]);
+      b_out[0] = scalar_t(b_rot[0]);
+    } else {
+      uint32_t a_words[kLoad / 2], b_words[kTwoLoads ? kLoad / 2 : 1];
+#pragma unroll
+      for (int k = 0; k < kLoad / 2; ++k) {
+        if constexpr (kTwoLoads) {  // NeoX: a pack of a's and a pack of b's
+          a_words[k] = round_pair<scalar_t>(a_rot[2 * k], a_rot[2 * k + 1]);
+          b_words[k] = round_pair<scalar_t>(b_rot[2 * k], b_rot[2 * k + 1]);
+        } else {  // GPT-J: each pair side by side
+          a_words[k] = round_pair<scalar_t>(a_rot[k], b_rot[k]);
+        }
       }
+      memcpy(a_out, a_words, sizeof(a_out));
+      if constexpr (kTwoLoads) memcpy(b_out, b_words, sizeof(b_out));
     }
     store(y[j] + ya, a_out, convert);
     if constexpr (kTwoLoads) store(y[j] + yb, b_out, convert);
@@ -140,19 +173,19 @@ __device__ void rope_unit(const RopeGeometry<scalar_t>& g, const scalar_t* const
 // (the same bytes to the same place), so no thread branches on it. With the K side, the last block
 // column holds the tokens' cache rows: a slot outside the cache writes nothing. blockIdx.y strides
 // over the tokens.
-template <typename scalar_t, int N, bool kNeox, int kRows, typename QConvert, typename KConvert>
-__global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t> g, const typename QConvert::Args q_args,
+template <typename scalar_t, int N, bool kNeox, int kRows, typename Index, typename QConvert, typename KConvert>
+__global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t, Index> g, const typename QConvert::Args q_args,
                                        const typename KConvert::Args k_args) {
   const bool k_block = g.has_k && blockIdx.x == gridDim.x - 1;
   const int units = (k_block ? g.kv_units : g.nope_units) + g.rope_units;
-  const auto at = [](int64_t i, int64_t stride) { return N > 1 ? i : i * stride; };
-  for (int64_t t = blockIdx.y; t < g.tokens; t += gridDim.y) {
+  const auto at = [](Index i, Index stride) { return N > 1 ? i : i * stride; };
+  for (Index t = blockIdx.y; t < g.tokens; t += gridDim.y) {
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
       if (!k_block) {
         const QConvert convert(q_args);
         using Out = typename QConvert::out_t;
         Out* out[kRows];
-        int64_t heads[kRows];
+        Index heads[kRows];
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
           heads[j] = min(static_cast<int>(blockIdx.x) * kRows + j, g.heads - 1);
@@ -161,9 +194,9 @@ __global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t> g, const typ
         if (u < g.nope_units) {
           scalar_t v[kRows][N];
 #pragma unroll
-          for (int j = 0; j < kRows; ++j) load(v[j], g.nope + t * g.nope_s0 + heads[j] * g.nope_s1 + at(int64_t{u} * N, g.nope_s2));
+          for (int j = 0; j < kRows; ++j) load(v[j], g.nope + t * g.nope_s0 + heads[j] * g.nope_s1 + at(Index(u) * N, g.nope_s2));
 #pragma unroll
-          for (int j = 0; j < kRows; ++j) store(out[j] + at(int64_t{u} * N, g.out_s2), v[j], convert);
+          for (int j = 0; j < kRows; ++j) store(out[j] + at(Index(u) * N, g.out_s2), v[j], convert);
         } else {
           const scalar_t* x[kRows];
           Out* y[kRows];
@@ -172,24 +205,25 @@ __global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t> g, const typ
             x[j] = g.pe + t * g.pe_s0 + heads[j] * g.pe_s1;
             y[j] = out[j] + at(g.nope_dim, g.out_s2);
           }
-          rope_unit<scalar_t, N, kNeox, kRows>(g, x, g.pe_s2, y, g.out_s2, g.positions + t * g.positions_s0,
-                                               u - g.nope_units, convert);
+          rope_unit<scalar_t, N, kNeox, kRows, Index>(g, x, g.pe_s2, y, g.out_s2, g.positions + t * g.positions_s0,
+                                                      u - g.nope_units, convert);
         }
       } else {
         const KConvert convert(k_args);
         using Out = typename KConvert::out_t;
-        const int64_t slot = __ldg(g.slots + t * g.slots_s0);
-        if (slot < 0 || slot >= g.num_slots) break;
+        const int64_t slot_value = __ldg(g.slots + t * g.slots_s0);
+        if (slot_value < 0 || slot_value >= g.num_slots) break;
+        const auto slot = static_cast<Index>(slot_value);
         Out* row = static_cast<Out*>(g.cache) + (slot / g.block_size) * g.cache_s0 + (slot % g.block_size) * g.cache_s1;
         if (u < g.kv_units) {
           scalar_t v[N];
-          load(v, g.kv_c + t * g.kv_c_s0 + at(int64_t{u} * N, g.kv_c_s1));
-          store(row + at(int64_t{u} * N, g.cache_s2), v, convert);
+          load(v, g.kv_c + t * g.kv_c_s0 + at(Index(u) * N, g.kv_c_s1));
+          store(row + at(Index(u) * N, g.cache_s2), v, convert);
         } else {
           const scalar_t* const x[1] = {g.k_pe + t * g.k_pe_s0};
           Out* const y[1] = {row + at(g.kv_dim, g.cache_s2)};
-          rope_unit<scalar_t, N, kNeox, 1>(g, x, g.k_pe_s1, y, g.cache_s2, g.positions + t * g.positions_s0,
-                                           u - g.kv_units, convert);
+          rope_unit<scalar_t, N, kNeox, 1, Index>(g, x, g.k_pe_s1, y, g.cache_s2, g.positions + t * g.positions_s0,
+                                                  u - g.kv_units, convert);
         }
       }
     }
@@ -211,8 +245,8 @@ bool rows_split(const Tensor& t, int64_t n) {
 // Block of one row of units (a warp holds units of one kind where the row allows: nope packs, then
 // rope units), kRows query rows a thread: one under kOneRowBelow units in all, where more blocks
 // spread the latency over more SMs, else four.
-template <typename scalar_t, typename QConvert, typename KConvert, int N, bool kNeox>
-void launch_rope(const RopeGeometry<scalar_t>& g, const typename QConvert::Args& q_args,
+template <typename scalar_t, typename QConvert, typename KConvert, int N, bool kNeox, typename Index>
+void launch_rope(const RopeGeometry<scalar_t, Index>& g, const typename QConvert::Args& q_args,
                  const typename KConvert::Args& k_args, cudaStream_t stream) {
   constexpr int64_t kOneRowBelow = int64_t{1} << 16;
   const int units = std::max(g.nope_units, g.has_k ? g.kv_units : 0) + g.rope_units;
@@ -221,10 +255,13 @@ void launch_rope(const RopeGeometry<scalar_t>& g, const typename QConvert::Args&
     constexpr int kRows = decltype(rows)::value;
     const dim3 grid(static_cast<unsigned>((g.heads + kRows - 1) / kRows + (g.has_k ? 1 : 0)),
                     static_cast<unsigned>(std::min<int64_t>(g.tokens, 65535)));
-    concat_mla_rope_kernel<scalar_t, N, kNeox, kRows, QConvert, KConvert><<<grid, block, 0, stream>>>(g, q_args, k_args);
+    concat_mla_rope_kernel<scalar_t, N, kNeox, kRows, Index, QConvert, KConvert>
+        <<<grid, block, 0, stream>>>(g, q_args, k_args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (g.tokens * g.heads * units < kOneRowBelow) {
+  if constexpr (N == 1) {
+    run(std::integral_constant<int, 1>{});
+  } else if (g.tokens * g.heads * units < kOneRowBelow) {
     run(std::integral_constant<int, 1>{});
   } else {
     run(std::integral_constant<int, 4>{});
@@ -233,8 +270,8 @@ void launch_rope(const RopeGeometry<scalar_t>& g, const typename QConvert::Args&
 
 // The widest pack every row splits into: 8 elements (16 bytes of input) for the engines' layouts,
 // else one element, which handles any alignment and stride.
-template <typename scalar_t, typename QConvert, typename KConvert>
-void rope_rows(RopeGeometry<scalar_t> g, const std::vector<const Tensor*>& packed, const Tensor& cos_sin_cache,
+template <typename scalar_t, typename QConvert, typename KConvert, typename Index>
+void rope_rows(RopeGeometry<scalar_t, Index> g, const std::vector<const Tensor*>& packed, const Tensor& cos_sin_cache,
                bool is_neox, const typename QConvert::Args& q_args, const typename KConvert::Args& k_args,
                cudaStream_t stream) {
   constexpr int kWide = 8;
@@ -300,52 +337,73 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
   }
   const int64_t tokens = q_out.size(0);
   if (tokens == 0) return;
+  // 32-bit offsets when the last element of every tensor is below 2^32 elements from its base
+  // (strides are never negative, so every partial offset is below it too).
+  const auto last = [](const Tensor& t) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) offset += (t.size(d) - 1) * t.stride(d);
+    return offset;
+  };
+  std::vector<const Tensor*> all{&ql_nope, &q_pe, &positions, &cos_sin_cache, &q_out};
+  std::vector<const Tensor*> packed{&ql_nope, &q_pe, &q_out};
+  if (has_k) {
+    all.insert(all.end(), {&*kv_c, &*k_pe, &*kv_cache, &*slot_mapping});
+    packed.insert(packed.end(), {&*kv_c, &*k_pe, &*kv_cache});
+  }
+  bool narrow = tokens < (int64_t{1} << 31);
+  for (const Tensor* t : all) narrow = narrow && last(*t) < (int64_t{1} << 32);
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
-    RopeGeometry<scalar_t> g{};
-    g.nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
-    g.pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
-    g.cos_sin = cos_sin_cache.const_data_ptr();
-    g.positions = static_cast<const int64_t*>(positions.const_data_ptr());
-    g.out = q_out.mutable_data_ptr();
-    g.nope_s0 = ql_nope.stride(0), g.nope_s1 = ql_nope.stride(1), g.nope_s2 = ql_nope.stride(2);
-    g.pe_s0 = q_pe.stride(0), g.pe_s1 = q_pe.size(1) == 1 ? 0 : q_pe.stride(1), g.pe_s2 = q_pe.stride(2);
-    g.out_s0 = q_out.stride(0), g.out_s1 = q_out.stride(1), g.out_s2 = q_out.stride(2);
-    g.cos_sin_s0 = cos_sin_cache.stride(0), g.cos_sin_s1 = cos_sin_cache.stride(1);
-    g.positions_s0 = positions.stride(0);
-    g.tokens = tokens, g.max_position = cos_sin_cache.size(0);
-    g.heads = static_cast<int32_t>(q_out.size(1)), g.nope_dim = static_cast<int32_t>(ql_nope.size(2));
-    g.half = static_cast<int32_t>(q_pe.size(2) / 2);
-    g.nope_units = nope_in_place ? 0 : g.nope_dim;  // elements here; packs once the width is chosen
-    g.cos_sin_is_float = cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float;
-    std::vector<const Tensor*> packed{&ql_nope, &q_pe, &q_out};
-    if (has_k) {
-      g.has_k = true;
-      g.kv_c = static_cast<const scalar_t*>(kv_c->const_data_ptr());
-      g.k_pe = static_cast<const scalar_t*>(k_pe->const_data_ptr());
-      g.slots = static_cast<const int64_t*>(slot_mapping->const_data_ptr());
-      g.cache = kv_cache->mutable_data_ptr();
-      g.kv_c_s0 = kv_c->stride(0), g.kv_c_s1 = kv_c->stride(1);
-      g.k_pe_s0 = k_pe->stride(0), g.k_pe_s1 = k_pe->stride(k_pe->dim() - 1);
-      g.cache_s0 = kv_cache->stride(0), g.cache_s1 = kv_cache->stride(1), g.cache_s2 = kv_cache->stride(2);
-      g.slots_s0 = slot_mapping->stride(0);
-      g.num_slots = kv_cache->size(0) * kv_cache->size(1), g.block_size = kv_cache->size(1);
-      g.kv_dim = static_cast<int32_t>(kv_c->size(1)), g.kv_units = g.kv_dim;
-      packed.insert(packed.end(), {&*kv_c, &*k_pe, &*kv_cache});
-    }
-    const ScaleArgs q_args{q_scale ? static_cast<const float*>(q_scale->const_data_ptr()) : nullptr};
-    const ScaleArgs k_args{k_scale ? static_cast<const float*>(k_scale->const_data_ptr()) : nullptr};
-    const auto with_k = [&](auto q_convert, const auto& qa) {
-      using Q = typename decltype(q_convert)::type;
-      if (k_scale) {
-        rope_rows<scalar_t, Q, DivideE4M3<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, k_args, stream);
+    const auto run = [&](auto index) {
+      using Index = decltype(index);
+      RopeGeometry<scalar_t, Index> g{};
+      g.nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
+      g.pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
+      g.cos_sin = cos_sin_cache.const_data_ptr();
+      g.positions = static_cast<const int64_t*>(positions.const_data_ptr());
+      g.out = q_out.mutable_data_ptr();
+      g.nope_s0 = ql_nope.stride(0), g.nope_s1 = ql_nope.stride(1), g.nope_s2 = ql_nope.stride(2);
+      g.pe_s0 = q_pe.stride(0), g.pe_s1 = q_pe.size(1) == 1 ? 0 : q_pe.stride(1), g.pe_s2 = q_pe.stride(2);
+      g.out_s0 = q_out.stride(0), g.out_s1 = q_out.stride(1), g.out_s2 = q_out.stride(2);
+      g.cos_sin_s0 = cos_sin_cache.stride(0), g.cos_sin_s1 = cos_sin_cache.stride(1);
+      g.positions_s0 = positions.stride(0);
+      g.tokens = tokens, g.max_position = cos_sin_cache.size(0);
+      g.heads = static_cast<int32_t>(q_out.size(1)), g.nope_dim = static_cast<int32_t>(ql_nope.size(2));
+      g.half = static_cast<int32_t>(q_pe.size(2) / 2);
+      g.nope_units = nope_in_place ? 0 : g.nope_dim;  // elements here; packs once the width is chosen
+      g.cos_sin_is_float = cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float;
+      if (has_k) {
+        g.has_k = true;
+        g.kv_c = static_cast<const scalar_t*>(kv_c->const_data_ptr());
+        g.k_pe = static_cast<const scalar_t*>(k_pe->const_data_ptr());
+        g.slots = static_cast<const int64_t*>(slot_mapping->const_data_ptr());
+        g.cache = kv_cache->mutable_data_ptr();
+        g.kv_c_s0 = kv_c->stride(0), g.kv_c_s1 = kv_c->stride(1);
+        g.k_pe_s0 = k_pe->stride(0), g.k_pe_s1 = k_pe->stride(k_pe->dim() - 1);
+        g.cache_s0 = kv_cache->stride(0), g.cache_s1 = kv_cache->stride(1), g.cache_s2 = kv_cache->stride(2);
+        g.slots_s0 = slot_mapping->stride(0);
+        g.num_slots = kv_cache->size(0) * kv_cache->size(1), g.block_size = kv_cache->size(1);
+        g.kv_dim = static_cast<int32_t>(kv_c->size(1)), g.kv_units = g.kv_dim;
+      }
+      const ScaleArgs q_args{q_scale ? static_cast<const float*>(q_scale->const_data_ptr()) : nullptr};
+      const ScaleArgs k_args{k_scale ? static_cast<const float*>(k_scale->const_data_ptr()) : nullptr};
+      const auto with_k = [&](auto q_convert, const auto& qa) {
+        using Q = typename decltype(q_convert)::type;
+        if (k_scale) {
+          rope_rows<scalar_t, Q, DivideE4M3<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, k_args, stream);
+        } else {
+          rope_rows<scalar_t, Q, Copy<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, NoArgs{}, stream);
+        }
+      };
+      if (q_scale) {
+        with_k(std::type_identity<QuantizeE4M3<scalar_t>>{}, q_args);
       } else {
-        rope_rows<scalar_t, Q, Copy<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, NoArgs{}, stream);
+        with_k(std::type_identity<Copy<scalar_t>>{}, NoArgs{});
       }
     };
-    if (q_scale) {
-      with_k(std::type_identity<QuantizeE4M3<scalar_t>>{}, q_args);
+    if (narrow) {
+      run(uint32_t{});
     } else {
-      with_k(std::type_identity<Copy<scalar_t>>{}, NoArgs{});
+      run(int64_t{});
     }
   });
 }
