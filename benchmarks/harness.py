@@ -59,16 +59,19 @@ _LOAD_AT_START = os.getloadavg()[0]
 # ------------------------------------------------------------------------------------ command line
 
 
-def parser(doc: str, layouts: str) -> argparse.ArgumentParser:
-    """The options of every script; a script adds its own, if any, before parsing."""
-    def names(choices):
-        def parse(text: str) -> list[str]:
-            bad = [x for x in text.split(",") if x not in choices]
-            if bad:
-                raise argparse.ArgumentTypeError(f"{bad}: not one of {', '.join(choices)}")
-            return text.split(",")
-        return parse
+def names(choices) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of ``choices``."""
+    def parse(text: str) -> list[str]:
+        bad = [x for x in text.split(",") if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad}: not one of {', '.join(choices)}")
+        return text.split(",")
+    return parse
 
+
+def parser(doc: str, layouts: str | None) -> argparse.ArgumentParser:
+    """The options of every script (``--layout`` only with default ``layouts``); a script adds its
+    own, if any, before parsing."""
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
 
@@ -77,8 +80,9 @@ def parser(doc: str, layouts: str) -> argparse.ArgumentParser:
                    help="cuda or cpu (default: cuda where available)")
     p.add_argument("--tokens", type=ints, help="comma list (default: see above)")
     p.add_argument("--heads", type=ints, help="comma list (default: see above)")
-    p.add_argument("--layout", type=names(LAYOUTS), default=layouts,
-                   help=f"comma list of {', '.join(LAYOUTS)} (default: {layouts})")
+    if layouts:
+        p.add_argument("--layout", type=names(LAYOUTS), default=layouts,
+                       help=f"comma list of {', '.join(LAYOUTS)} (default: {layouts})")
     p.add_argument("--dtype", type=names(DTYPES), default="bf16", help="comma list of bf16, fp16 (default: bf16)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="folder for the tables (.md), every round's time (.csv) and plots (.png)")
@@ -207,16 +211,19 @@ def measure(table: Table, size: object, setup: Callable[[], list[Contender]],
 def ceilings(n_read: int, n_write: int, device: torch.device, dst_dtype: torch.dtype = torch.int16
              ) -> list[Contender]:
     """CUDA: the ceilings of an op that reads ``n_read`` 16-bit elements and writes ``n_write`` of
-    ``dst_dtype``: the tuned Triton flat copy and, where it moves the same bytes (reads what it
-    writes), torch.bitwise_not over int16 buffers; and the launch floor (a one-element fill: what any
-    kernel costs). A graph-captured ``copy_`` is a memcpy node, slower than both: no ceiling."""
+    ``dst_dtype``: the tuned Triton flat copy (exactly those bytes) and, for int16 writes with
+    ``n_read >= n_write``, torch.bitwise_not over ``n_write`` int16 elements (it reads what it
+    writes: the op's bytes, less any extra reads, such as the cos/sin rows of a RoPE); and the
+    launch floor (a one-element fill: what any kernel costs). A graph-captured ``copy_`` is a memcpy
+    node, slower than both: no ceiling."""
     if device.type != "cuda":
         return []
     src = torch.randint(-32768, 32768, (n_read,), dtype=torch.int16, device=device)
     out = [Contender("triton copy", flat_copy(src, torch.empty(n_write, dtype=dst_dtype, device=device)),
                      ceiling=True)]
-    if n_read == n_write and dst_dtype == torch.int16:
-        out.append(Contender("bitwise_not", partial(torch.bitwise_not, src, out=torch.empty_like(src)),
+    if n_read >= n_write and dst_dtype == torch.int16:
+        out.append(Contender("bitwise_not", partial(torch.bitwise_not, src[:n_write],
+                                                    out=torch.empty(n_write, dtype=torch.int16, device=device)),
                              ceiling=True))
     one = torch.empty(1, device=device)
     return out + [Contender("launch floor", partial(one.fill_, 1.0))]
@@ -231,6 +238,22 @@ def flat_copy(src: torch.Tensor, dst: torch.Tensor) -> Callable[[], object]:
     return lambda: kernel[lambda meta: (-(-max(n_read, n_write) // meta["BLOCK"]),)](src, dst, n_read, n_write)
 
 
+def autotune(configs: list, key: list[str]):
+    """``triton.autotune`` that times each config as the kernels are timed here (back to back in a
+    CUDA graph, inputs warm in L2; the autotuner's default benchmark flushes L2 between calls), from
+    a side stream of its own (capture needs one). A kernel tunes at its first call with a new key,
+    running many times on that call's arguments: a kernel that works in place must first be called
+    on throwaway data."""
+    import triton
+    from triton.testing import do_bench_cudagraph
+
+    def bench(fn, quantiles):
+        torch.cuda.synchronize()  # the side stream does not wait for ours
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return do_bench_cudagraph(fn, rep=5, quantiles=quantiles)
+    return triton.autotune(configs, key=key, do_bench=bench)
+
+
 @functools.cache
 def _flat_copy_kernel():
     # Imported here so that a CPU run never imports Triton; as globals, because a Triton kernel
@@ -238,12 +261,8 @@ def _flat_copy_kernel():
     global triton, tl
     import triton
     import triton.language as tl
-    from triton.testing import do_bench_cudagraph
 
-    # Tuned as it is timed (back to back in a graph, inputs warm in L2); the autotuner's default
-    # benchmark flushes L2 between calls.
-    @triton.autotune([triton.Config({"BLOCK": b}) for b in (1024, 2048, 4096, 8192)], key=["n_read", "n_write"],
-                     do_bench=lambda fn, quantiles: do_bench_cudagraph(fn, rep=5, quantiles=quantiles))
+    @autotune([triton.Config({"BLOCK": b}) for b in (1024, 2048, 4096, 8192)], key=["n_read", "n_write"])
     @triton.jit
     def copy(src, dst, n_read, n_write, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

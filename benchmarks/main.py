@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """The default benchmark on whatever machine runs it (what `bash tools/dev.sh main` runs), DeepSeek-V3
-geometry (nope 512, rope 64, 128 heads): three scripts, run in this process one after the other, with
-these options (any option given here is passed on to each, and wins):
+geometry (nope 512, rope 64, 128 heads): the scripts below, run in this process one after the other,
+with these options (any option given here is passed on to each, and wins; bench_concat_mla_rope.py
+has no --layout):
   CUDA  bench_concat_mla_q.py --layout decode,prefill --heads 128 --bmm
         bench_concat_mla_q_fp8.py --layout decode --heads 128
+        bench_concat_mla_rope.py --heads 128
         bench_host_time.py
   CPU   bench_concat_mla_q.py --layout decode,prefill
         bench_concat_mla_q_fp8.py
         bench_host_time.py
-About a minute on a 2-core CPU.
+About a minute on a 2-core CPU (bench_concat_mla_rope.py alone takes about as long there, so the CPU
+set leaves it out).
 """
 
 import runpy
@@ -19,6 +22,7 @@ import harness as h
 
 RUNS = {"cuda": [["bench_concat_mla_q.py", "--layout", "decode,prefill", "--heads", "128", "--bmm"],
                  ["bench_concat_mla_q_fp8.py", "--layout", "decode", "--heads", "128"],
+                 ["bench_concat_mla_rope.py", "--heads", "128"],
                  ["bench_host_time.py"]],
         "cpu": [["bench_concat_mla_q.py", "--layout", "decode,prefill"],
                 ["bench_concat_mla_q_fp8.py"],

@@ -78,6 +78,7 @@ if want bench; then
   }
   run_bench concat_mla_q benchmarks/bench_concat_mla_q.py --bmm
   run_bench concat_mla_q_fp8 benchmarks/bench_concat_mla_q_fp8.py
+  run_bench concat_mla_rope benchmarks/bench_concat_mla_rope.py
   run_bench host_time benchmarks/bench_host_time.py
   tar -czf "$out/bench.tar.gz" -C "$bench" .
 fi
