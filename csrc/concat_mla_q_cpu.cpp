@@ -243,7 +243,7 @@ struct RopeRows {
 };
 
 template <typename scalar_t, typename q_t, typename k_t, typename QOp, typename KOp>
-void run_rope_rows(const RopeRows<scalar_t, q_t, k_t>& r, const Rotation<scalar_t>& rotate, const QOp& q_op,
+[[gnu::target_clones("avx512f", "avx2", "default")]] void run_rope_rows(const RopeRows<scalar_t, q_t, k_t>& r, const Rotation<scalar_t>& rotate, const QOp& q_op,
                    const KOp& k_op, int64_t begin, int64_t end) {
   std::vector<scalar_t> rotated(static_cast<size_t>(r.rope_dim));
   for (int64_t row = begin; row < end; ++row) {
