@@ -129,10 +129,10 @@ vllm_mla_ops::View checked_view(const char* op, const Meta& m) {
   return view;
 }
 
-void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Meta& out_meta, const Meta& input) {
-  if (input.numel() == 0) return;
+void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Meta& out_meta, const Meta& input,
+                      const vllm_mla_ops::View& input_view) {
   const char* o = out_meta.name;
-  switch (vllm_mla_ops::overlap(out, checked_view(op, input))) {
+  switch (vllm_mla_ops::overlap(out, input_view)) {
     case vllm_mla_ops::Overlap::kNo:
       return;
     case vllm_mla_ops::Overlap::kYes:
@@ -143,6 +143,10 @@ void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Meta&
            list(input.strides), "); pass a contiguous ", input.name, " (", input.name,
            ".contiguous()) or a contiguous ", o);
   }
+}
+
+void check_no_overlap(const char* op, const vllm_mla_ops::View& out, const Meta& out_meta, const Meta& input) {
+  if (input.numel() > 0) check_no_overlap(op, out, out_meta, input, checked_view(op, input));
 }
 
 // An output's view, once it is known to lie inside its storage and to address each element once;
@@ -414,23 +418,29 @@ bool check_concat_mla_rope_args(const Tensor& ql_nope_t, const Tensor& q_pe_t, c
     }
   }
 
-  // Every output against itself, every input and the other output.
+  // Every output against itself, every input (each input's view made once) and the other output.
   const auto out = checked_output(op, q_out);
   const bool nope_in_place = out && is_nope_half_of(ql_nope, q_out);
   const auto cache = kv_cache ? checked_output(op, *kv_cache) : std::nullopt;
-  const auto inputs = {&ql_nope, &q_pe, &positions, &cos_sin_cache};
-  const auto optional_inputs = {&q_scale, &kv_c, &k_pe, &slot_mapping, &k_scale};
-  using Output = std::pair<std::optional<vllm_mla_ops::View>, const Meta*>;
-  for (const auto& [view, meta] : {Output{out, &q_out}, Output{cache, kv_cache ? &*kv_cache : nullptr}}) {
-    if (!view) continue;
-    for (const Meta* input : inputs) {
-      if (!(nope_in_place && input == &ql_nope && meta == &q_out)) check_no_overlap(op, *view, *meta, *input);
+  if (out || cache) {
+    std::vector<std::pair<const Meta*, vllm_mla_ops::View>> inputs;
+    for (const Meta* input : std::initializer_list<const Meta*>{
+             &ql_nope, &q_pe, &positions, &cos_sin_cache, q_scale ? &*q_scale : nullptr,
+                              kv_c ? &*kv_c : nullptr, k_pe ? &*k_pe : nullptr,
+                              slot_mapping ? &*slot_mapping : nullptr, k_scale ? &*k_scale : nullptr}) {
+      if (input && input->numel() > 0) inputs.emplace_back(input, checked_view(op, *input));
     }
-    for (const auto* input : optional_inputs) {
-      if (*input) check_no_overlap(op, *view, *meta, **input);
+    using Output = std::pair<std::optional<vllm_mla_ops::View>, const Meta*>;
+    for (const auto& [view, meta] : {Output{out, &q_out}, Output{cache, kv_cache ? &*kv_cache : nullptr}}) {
+      if (!view) continue;
+      for (const auto& [input, input_view] : inputs) {
+        if (!(nope_in_place && input == &ql_nope && meta == &q_out)) {
+          check_no_overlap(op, *view, *meta, *input, input_view);
+        }
+      }
     }
+    if (out && cache) check_no_overlap(op, *out, q_out, *kv_cache, *cache);
   }
-  if (out && cache) check_no_overlap(op, *out, q_out, *kv_cache);
 
   check_inference_only(op, args);
   return nope_in_place;

@@ -320,7 +320,7 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
   const char* op = "concat_mla_rope";
   const bool nope_in_place = check_concat_mla_rope_args(ql_nope, q_pe, positions, cos_sin_cache, q_out, q_scale, kv_c,
                                                         k_pe, kv_cache, slot_mapping, k_scale);
-  const torch::stable::accelerator::DeviceGuard device_guard(ql_nope.get_device_index());
+  const DeviceIfNeeded device_guard(ql_nope.get_device_index());
   void* stream_ptr = nullptr;
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(ql_nope.get_device_index(), &stream_ptr) == AOTI_TORCH_SUCCESS,
                   "could not get the current CUDA stream");

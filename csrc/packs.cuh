@@ -1,11 +1,14 @@
-// What the CUDA kernels of every op share: packs of N elements moved by one access, and the
-// conversions applied to a pack between its load and its store.
+// What the CUDA kernels of every op share: packs of N elements moved by one access, the
+// conversions applied to a pack between its load and its store, and the device guard.
 #pragma once
 
 #include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 namespace vllm_mla_ops {
 
@@ -99,6 +102,20 @@ struct DivideE4M3 {
     memcpy(&out, q, sizeof(out));
     return out;
   }
+};
+
+// The launching device made current for the call, as torch's device guard does, but without creating
+// one (an allocation and two calls into torch) when it already is current: the usual case, and
+// every call costs the engines host time.
+class DeviceIfNeeded {
+ public:
+  explicit DeviceIfNeeded(int32_t index) {
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess || current != index) guard_.emplace(index);
+  }
+
+ private:
+  std::optional<torch::stable::accelerator::DeviceGuard> guard_;
 };
 
 }  // namespace vllm_mla_ops
