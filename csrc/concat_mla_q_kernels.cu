@@ -168,6 +168,7 @@ void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, cons
   // Without the nope half (a bmm wrote it in place) the rows are the rope halves of q_out's rows.
   const int64_t nope_dim = copy_nope ? ql_nope.size(2) : 0, skipped = ql_nope.size(2) - nope_dim;
   const int64_t packs = (nope_dim + q_pe.size(2)) / N, total = tokens * heads * packs;
+  if (packs == 0) return;  // the nope half written in place and no rope half: nothing to write
   const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
   const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
   auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr()) + skipped * q_out.stride(2);

@@ -250,6 +250,7 @@ void launch_rope(const RopeGeometry<scalar_t, Index>& g, const typename QConvert
                  const typename KConvert::Args& k_args, cudaStream_t stream) {
   constexpr int64_t kOneRowBelow = int64_t{1} << 16;
   const int units = std::max(g.nope_units, g.has_k ? g.kv_units : 0) + g.rope_units;
+  if (units == 0) return;  // rows of no element (zero widths, or only the nope half, written in place)
   const dim3 block(static_cast<unsigned>(std::min(units, 1024)));
   const auto run = [&](auto rows) {
     constexpr int kRows = decltype(rows)::value;

@@ -323,3 +323,22 @@ def test_traced_with_dynamic_shapes_matches_reference(device):
         assert_equal_or_both_nan(q_out, expected["q_out"])
         assert_equal_or_both_nan(args["kv_cache"], expected["kv_cache"], "kv_cache")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("op", ["concat_mla_q", "concat_mla_rope"])
+def test_nothing_left_to_write_is_a_no_op(device, op):
+    """The nope half written in place and a rope width of 0 leaves rows of nothing to write (a CUDA
+    launch of such rows once divided by zero on the host): the call returns, q_out as it was."""
+    q_out = random_bits((3, 2, 8), torch.bfloat16, device)
+    q_pe = random_bits((3, 2, 0), torch.bfloat16, device)
+    before = snapshot(q_out)
+    with torch.inference_mode():
+        if op == "concat_mla_q":
+            torch.ops._C.concat_mla_q(q_out[..., :8], q_pe, q_out)
+        else:
+            positions = torch.zeros(3, dtype=torch.int64, device=device)
+            torch.ops._C.concat_mla_rope(q_out[..., :8], q_pe, positions, torch.randn(4, 0, device=device), False,
+                                         q_out, None, None, None, None, None, None)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert_storages(before, [q_out], "a call with nothing to write wrote")
