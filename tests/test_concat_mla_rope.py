@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -342,3 +343,83 @@ def test_nothing_left_to_write_is_a_no_op(device, op):
     if device == "cuda":
         torch.cuda.synchronize()
     assert_storages(before, [q_out], "a call with nothing to write wrote")
+
+
+def _small(device) -> dict:
+    return _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6)
+
+
+# (what is changed, the message): every check of the validator that only concat_mla_rope makes,
+# applied to valid small arguments with the K side.
+REFUSALS = {
+    "positions-int32": (lambda a: a.update(positions=a["positions"].int()),
+                        "concat_mla_rope: positions must be torch.int64, got torch.int32"),
+    "positions-2d": (lambda a: a.update(positions=a["positions"][:, None]),
+                     "concat_mla_rope: positions must be 1-D [tokens], got 2-D with shape [3, 1]"),
+    "positions-short": (lambda a: a.update(positions=a["positions"][:2]),
+                        "concat_mla_rope: positions must be [tokens] with tokens=3 from ql_nope, got shape [2]"),
+    "cos-sin-float64": (lambda a: a.update(cos_sin_cache=a["cos_sin_cache"].double()),
+                        "concat_mla_rope: cos_sin_cache must be torch.float32 or have ql_nope's dtype torch.bfloat16, "
+                        "got torch.float64"),
+    "cos-sin-width": (lambda a: a.update(cos_sin_cache=a["cos_sin_cache"][:, :2]),
+                      "concat_mla_rope: cos_sin_cache must be [max_position, rope_dim] with rope_dim=4 from q_pe"),
+    "rope-dim-odd": (lambda a: a.update(q_pe=a["q_pe"][..., :3], q_out=a["q_out"][..., :11],
+                                        cos_sin_cache=a["cos_sin_cache"][:, :3], k_pe=a["k_pe"][:, :3],
+                                        kv_cache=a["kv_cache"][..., :9]),
+                     "concat_mla_rope: rope_dim must be even (pairs rotated by one cos and one sin), got 3"),
+    "q-out-float32": (lambda a: a.update(q_out=a["q_out"].float()),
+                      "concat_mla_rope: q_out must have ql_nope's dtype torch.bfloat16 or be torch.float8_e4m3fn"),
+    "fp8-q-out-without-scale": (lambda a: a.update(q_out=a["q_out"].to(FP8)),
+                                "concat_mla_rope: q_out is torch.float8_e4m3fn, which needs q_scale"),
+    "q-scale-without-fp8": (lambda a: a.update(q_scale=torch.ones(1, device=a["q_out"].device)),
+                            "concat_mla_rope: q_scale is given, so q_out must be torch.float8_e4m3fn, got torch.bfloat16"),
+    "k-side-incomplete": (lambda a: a.update(kv_cache=None),
+                          "concat_mla_rope: the K side takes kv_c, k_pe, kv_cache and slot_mapping together, got only "
+                          "kv_c, k_pe, slot_mapping"),
+    "k-scale-without-k-side": (lambda a: a.update(kv_c=None, k_pe=None, kv_cache=None, slot_mapping=None,
+                                                  k_scale=torch.ones(1, device=a["q_out"].device)),
+                               "concat_mla_rope: k_scale is given without the K side"),
+    "kv-c-short": (lambda a: a.update(kv_c=a["kv_c"][:2]),
+                   "concat_mla_rope: kv_c must be [tokens, kv_dim] with tokens=3 from ql_nope, got shape [2, 6]"),
+    "k-pe-two-heads": (lambda a: a.update(k_pe=a["k_pe"][:, None].expand(3, 2, 4)),
+                       "concat_mla_rope: k_pe must be [tokens, rope_dim] or [tokens, 1, rope_dim]"),
+    "kv-cache-width": (lambda a: a.update(kv_cache=a["kv_cache"][..., :9]),
+                       "concat_mla_rope: kv_cache must be [num_blocks, block_size, kv_dim + rope_dim] with "
+                       "kv_dim + rope_dim = 6 + 4"),
+    "fp8-cache-without-scale": (lambda a: a.update(kv_cache=a["kv_cache"].to(FP8)),
+                                "concat_mla_rope: kv_cache is torch.float8_e4m3fn, which needs k_scale"),
+    "slot-mapping-int32": (lambda a: a.update(slot_mapping=a["slot_mapping"].int()),
+                           "concat_mla_rope: slot_mapping must be torch.int64, got torch.int32"),
+    "q-out-overlaps-kv-cache": (lambda a: a.update(q_out=a["kv_cache"].view(-1)[:72].view(3, 2, 12)),
+                                "concat_mla_rope: q_out must not overlap kv_cache in memory"),
+    "kv-cache-overlaps-cos-sin": (lambda a: a.update(cos_sin_cache=a["kv_cache"].view(-1)[:4 * 50].view(50, 4)),
+                                  "concat_mla_rope: kv_cache must not overlap cos_sin_cache in memory"),
+    "positions-none": (lambda a: a.update(positions=None), "concat_mla_rope: positions must be a tensor, got None"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_arguments_are_refused_before_any_write(device, case):
+    """Each check only concat_mla_rope makes: the eager op raises its message and writes nothing."""
+    args = _small(device)
+    change, message = REFUSALS[case]
+    change(args)
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor)]
+    before = snapshot(*tensors)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _call(args)
+    assert_storages(before, tensors, "a refused call wrote")
+
+
+@pytest.mark.parametrize("case", [c for c in REFUSALS if "overlap" not in c])
+def test_fake_refuses_with_the_same_message(case):
+    """The fake (what torch.compile and torch.export trace) raises the eager message for every check
+    that does not need addresses."""
+    args = _small("cpu")
+    REFUSALS[case][0](args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises(RuntimeError, match=re.escape(REFUSALS[case][1])):
+            torch.ops._C.concat_mla_rope(*fake.values())
