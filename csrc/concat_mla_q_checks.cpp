@@ -186,6 +186,16 @@ void check_scale(const char* op, const Meta& scale, const Meta& ql_nope) {
   check_device(op, scale, ql_nope);
 }
 
+// ql_nope's dtype and the query side's ranks, the first checks of every op.
+void check_query_ranks(const char* op, const Meta& ql_nope, const Meta& q_pe, const Meta& q_out) {
+  // Kernels read 2-byte elements; any other width would be copied wrongly, so it never gets in.
+  MLA_CHECK(ql_nope.dtype == ScalarType::Half || ql_nope.dtype == ScalarType::BFloat16, op,
+            ": ql_nope must be float16 or bfloat16 dtype, got ", dtype_name(ql_nope.dtype));
+  check_rank3(op, ql_nope, "[tokens, heads, nope_dim]");
+  check_rank3(op, q_pe, "[tokens, heads or 1, rope_dim]");
+  check_rank3(op, q_out, "[tokens, heads, nope_dim + rope_dim]");
+}
+
 // The shapes of the query side, shared by every op: q_pe [tokens, heads or 1, rope_dim] and q_out
 // [tokens, heads, nope_dim + rope_dim], tokens and heads from ql_nope.
 void check_q_shapes(const char* op, const Meta& ql_nope, const Meta& q_pe, const Meta& q_out) {
@@ -215,13 +225,8 @@ void check_defined(const char* op, std::initializer_list<OpArg> args) {
 bool check_args(const char* op, const Tensor& ql_nope_t, const Tensor& q_pe_t, const Tensor& q_out_t,
                 const std::optional<Tensor>& scale_t) {
   const Meta ql_nope(ql_nope_t, "ql_nope"), q_pe(q_pe_t, "q_pe"), q_out(q_out_t, "q_out");
-  // Kernels read 2-byte elements; any other width would be copied wrongly, so it never gets in.
+  check_query_ranks(op, ql_nope, q_pe, q_out);
   const ScalarType dtype = ql_nope.dtype;
-  MLA_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, op,
-            ": ql_nope must be float16 or bfloat16 dtype, got ", dtype_name(dtype));
-  check_rank3(op, ql_nope, "[tokens, heads, nope_dim]");
-  check_rank3(op, q_pe, "[tokens, heads or 1, rope_dim]");
-  check_rank3(op, q_out, "[tokens, heads, nope_dim + rope_dim]");
   MLA_CHECK(q_pe.dtype == dtype, op, ": q_pe must have ql_nope's dtype ", dtype_name(dtype), ", got ",
             dtype_name(q_pe.dtype));
   if (scale_t) {
@@ -337,12 +342,8 @@ bool check_concat_mla_rope_args(const Tensor& ql_nope_t, const Tensor& q_pe_t, c
 
   const Meta ql_nope(ql_nope_t, "ql_nope"), q_pe(q_pe_t, "q_pe"), positions(positions_t, "positions");
   const Meta cos_sin_cache(cos_sin_cache_t, "cos_sin_cache"), q_out(q_out_t, "q_out");
+  check_query_ranks(op, ql_nope, q_pe, q_out);
   const ScalarType dtype = ql_nope.dtype;
-  MLA_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, op,
-            ": ql_nope must be float16 or bfloat16 dtype, got ", dtype_name(dtype));
-  check_rank3(op, ql_nope, "[tokens, heads, nope_dim]");
-  check_rank3(op, q_pe, "[tokens, heads or 1, rope_dim]");
-  check_rank3(op, q_out, "[tokens, heads, nope_dim + rope_dim]");
   check_rank(op, positions, 1, "[tokens]");
   check_rank(op, cos_sin_cache, 2, "[max_position, rope_dim]");
   check_dtype(op, q_pe, dtype, "ql_nope's");
