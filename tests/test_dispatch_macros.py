@@ -39,9 +39,18 @@ MACROS = {
 }
 
 
+# A folder under build/ (git-ignored) that outlives the run: ninja rebuilds the test library only
+# when its source or a header it includes changed, not on every run.
+BUILD = TESTS.parent / "build" / "test-dispatch-macros"
+
+
 @pytest.fixture(scope="module")
 def dispatch_ops(tmp_path_factory):
-    build = tmp_path_factory.mktemp("dispatch_macros_build")
+    try:
+        BUILD.mkdir(parents=True, exist_ok=True)
+        build = BUILD
+    except OSError:  # a read-only checkout
+        build = tmp_path_factory.mktemp("dispatch_macros_build")
     saved_path = os.environ.get("PATH", "")
     # The build needs ninja, which the test environment's venv provides next to its python.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])

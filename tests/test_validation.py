@@ -33,6 +33,7 @@ from mla_helpers import (
     Op,
     assert_refused,
     assert_writes_reference,
+    byte_span,
     call_function,
     call_function_allocating,
     call_raw,
@@ -572,6 +573,11 @@ def _draw_strides(rng: random.Random, shape, max_stride: int, base: int) -> list
     return strides
 
 
+def _empty(shape, dtype, device):
+    """A layout for the shapes and dtypes only: the draw replaces every tensor by a view."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _extent(shape, strides, offset) -> int:
     return offset + sum((n - 1) * s for n, s in zip(shape, strides)) + 1 if 0 not in shape else offset
 
@@ -584,7 +590,7 @@ def _draw_shared_buffer(rng: random.Random, op: Op, device, limits) -> dict:
     dtype = rng.choice(HALF)
     tokens, heads = rng.randint(1, max_t), rng.randint(1, max_h)
     args = valid_args(op, "cpu", dtype=dtype, tokens=tokens, heads=heads, nope_dim=rng.randint(0, max_n),
-                      rope_dim=rng.randint(0, max_r), pe_heads=rng.choice([heads, 1]))
+                      rope_dim=rng.randint(0, max_r), pe_heads=rng.choice([heads, 1]), layouts=(_empty,) * 3)
     base = rng.randint(1, 2 * (max_n + max_r))
     layouts = {}
     for name in [op.out] + [n for n in op.tensor_args if n != op.out]:
@@ -658,8 +664,8 @@ def test_overlap_decisions_match_brute_force(device, op, size):
         non_dense = not all(_is_dense(t) for t in args.values())
         if message is None:
             seen["accepted"] += 1
-            out_lo, out_hi = _span(args[op.out])
-            spans_meet = any(lo <= out_hi and out_lo <= hi for lo, hi in (_span(args[n]) for n in op.inputs))
+            out_lo, out_hi = byte_span(args[op.out])
+            spans_meet = any(lo <= out_hi and out_lo <= hi for lo, hi in (byte_span(args[n]) for n in op.inputs))
             seen["accepted_non_dense_span_overlap"] += non_dense and spans_meet
         else:
             kind = "self" if "overlap itself" in message else re.search(r"overlap (\w+) in memory", message)[1]
@@ -667,13 +673,3 @@ def test_overlap_decisions_match_brute_force(device, op, size):
             seen["rejected_non_dense_cross"] += non_dense and kind != "self"
     # The draws must exercise every outcome, including ATen's "too hard" cases both ways.
     assert min(seen.values()) >= draws // 100, seen
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The first and last byte address `t` can reach (empty: an empty span)."""
-    if t.numel() == 0:
-        return (1, 0)
-    start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
-    lo = start + sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride())) * t.element_size()
-    hi = start + (sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() - 1
-    return lo, hi

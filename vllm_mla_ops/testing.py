@@ -200,9 +200,9 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)}, expected {list(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
     a, e = bits(actual), bits(expected.to(actual.device))
-    differ = a != e
-    if bool(differ.any()):
-        raise AssertionError(_difference(what, a, e, differ))
+    if torch.equal(a, e):
+        return
+    raise AssertionError(_difference(what, a, e, a != e))
 
 
 def assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "q_out") -> None:
@@ -211,6 +211,8 @@ def assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "
     assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)}, expected {list(expected.shape)}"
     assert actual.dtype == expected.dtype == torch.float8_e4m3fn, (what, actual.dtype, expected.dtype)
     a, e = bits(actual), bits(expected.to(actual.device))
+    if torch.equal(a, e):
+        return
     e_nan, a_nan = (e & 0x7F) == 0x7F, (a & 0x7F) == 0x7F
     differ = (e_nan != a_nan) | (~e_nan & (a != e))
     if bool(differ.any()):
