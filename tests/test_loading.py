@@ -7,6 +7,7 @@ the build's floor. Process-level cases run in subprocesses."""
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
 import os
 import re
@@ -83,10 +84,16 @@ def test_schemas():
         "_C::concat_mla_q(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out) -> ()")
     assert str(torch.ops._C.concat_mla_q_fp8.default._schema) == (
         "_C::concat_mla_q_fp8(Tensor ql_nope, Tensor q_pe, Tensor(a!) q_out, Tensor scale) -> ()")
+    assert str(torch.ops._C.concat_mla_rope.default._schema) == (
+        "_C::concat_mla_rope(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor cos_sin_cache, bool is_neox, "
+        "Tensor(a!) q_out, Tensor? q_scale, Tensor? kv_c, Tensor? k_pe, Tensor(b!)? kv_cache, Tensor? slot_mapping, "
+        "Tensor? k_scale) -> ()")
 
 
-@pytest.mark.parametrize("op", ["concat_mla_q", "concat_mla_q_fp8"])
-def test_dispatch_table(op):
+@pytest.mark.parametrize("op, cuda_file", [("concat_mla_q", "concat_mla_q_kernels"),
+                                           ("concat_mla_q_fp8", "concat_mla_q_kernels"),
+                                           ("concat_mla_rope", "concat_mla_rope_kernels")])
+def test_dispatch_table(op, cuda_file):
     """CPU kernel from the bindings file, CUDA kernel from the CUDA file (when the build has one and
     torch has CUDA), the fake (Meta), and the Python math-bit and nested-tensor kernels (the
     inference-only guard's keys are test_inference_only.py's)."""
@@ -95,11 +102,22 @@ def test_dispatch_table(op):
     for key, where in (("CPU", r"\S*csrc/torch_bindings\.cpp"), ("Meta", r"\S*"),
                        ("Negative", library), ("Conjugate", library), ("NestedTensorCPU", library)):
         assert re.search(rf"^{key}: registered at {where}", table, re.M), f"{key}:\n{table}"
-    has_cuda_kernel = re.search(r"^CUDA: registered at \S*csrc/concat_mla_q_kernels\.cu", table, re.M) is not None
+    has_cuda_kernel = re.search(rf"^CUDA: registered at \S*csrc/{cuda_file}\.cu", table, re.M) is not None
     expected = vllm_mla_ops.build_info()["target"] == "cuda" and torch.version.cuda is not None
     assert has_cuda_kernel == expected, table
     if os.environ.get("VLLM_MLA_OPS_TARGET") == "cuda":  # the build was forced to CUDA (CI does this)
         assert has_cuda_kernel, f"VLLM_MLA_OPS_TARGET=cuda but no CUDA kernel is registered:\n{table}"
+
+
+@pytest.mark.parametrize("name", ["concat_mla_q", "concat_mla_q_fp8", "concat_mla_rope"])
+def test_raw_ops_have_docstrings(name):
+    """help(torch.ops._C.<op>) shows the schema and the contract: the docstring of the Python
+    function of the same name follows the schema, on the packet and on the overload."""
+    packet = getattr(torch.ops._C, name)
+    function_doc = inspect.cleandoc(getattr(vllm_mla_ops, name).__doc__)
+    for doc in (packet.__doc__, packet.default.__doc__):
+        assert doc.startswith(str(packet.default._schema)), doc
+        assert doc.endswith(function_doc), doc
 
 
 def test_build_info_and_version():

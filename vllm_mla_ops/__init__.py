@@ -195,3 +195,8 @@ def concat_mla_rope(
     torch.ops._C.concat_mla_rope.default(ql_nope, q_pe, positions, cos_sin_cache, is_neox, out, q_scale, kv_c, k_pe,
                                          kv_cache, slot_mapping, k_scale)
     return out
+
+
+for _function in (concat_mla_q, concat_mla_q_fp8, concat_mla_rope):
+    _library.document(_function)
+del _function

@@ -15,6 +15,8 @@ makes them at run time.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nested._internal.nested_tensor import NestedTensor
 
@@ -264,3 +266,15 @@ def _register(name: str) -> None:
 _register("concat_mla_q")
 _register("concat_mla_q_fp8")
 _register("concat_mla_rope")
+
+
+def document(function) -> None:
+    """Gives the raw op of the Python function `function` (same name) a docstring, on the packet
+    and the overload: its schema, then the function's docstring."""
+    packet = getattr(torch.ops._C, function.__name__)
+    schema = packet.default._schema
+    written = ", ".join(a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write)
+    packet.__doc__ = packet.default.__doc__ = (
+        f"{schema}\n\nThe raw op: it writes {written} in place and returns nothing. "
+        f"vllm_mla_ops.{function.__name__} is the same op with torch's conventions (a keyword-only out= for "
+        f"q_out, allocated when not given, and returned); its documentation:\n\n{inspect.cleandoc(function.__doc__)}")
