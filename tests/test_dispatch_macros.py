@@ -40,8 +40,10 @@ MACROS = {
 
 
 # A folder under build/ (git-ignored) that outlives the run: ninja rebuilds the test library only
-# when its source or a header it includes changed, not on every run.
-BUILD = TESTS.parent / "build" / "test-dispatch-macros"
+# when its source or a header it includes changed, not on every run. One per torch release: torch's
+# extension builder leaves a lock file that another release takes for a build in progress and waits
+# on forever (CI runs the suite under two torch releases from one checkout).
+BUILD = TESTS.parent / "build" / f"test-dispatch-macros-torch-{torch.__version__}"
 
 
 @pytest.fixture(scope="module")
