@@ -69,24 +69,6 @@ def _neg_view(t):
     return view
 
 
-NEG_OUT = ("{op}: q_out must not carry the negative or conjugate bit (a view such as x.conj().imag), got one "
-           "with is_neg()=True and is_conj()=False; write into a plain tensor and copy from it")
-
-
-def _conj_imag(shape, device):
-    """x.conj().imag of a complex32 x of random bits: a float16 view with is_neg()."""
-    t, h, d = shape
-    view = random_bits((t, h, 2 * d), torch.float16, device).view(torch.complex32).conj().imag
-    assert view.is_neg() and not view.is_conj() and view.dtype == torch.float16
-    return view
-
-
-def _neg_view(t):
-    view = torch._neg_view(t)
-    assert view.is_neg()
-    return view
-
-
 # (op, how q_out gets its negative bit): torch._neg_view for every op (it takes any dtype, float8
 # included), and x.conj().imag of complex32 for the ops with a float16 q_out.
 NEG_OUTS = [pytest.param(op, making, id=f"{op.id}-{making}") for op in OP_LIST
