@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
+import vllm_mla_ops
+
 TESTS = Path(__file__).resolve().parent
 CSRC = TESTS.parent / "csrc"
 
@@ -46,6 +48,12 @@ MACROS = {
 BUILD = TESTS.parent / "build" / f"test-dispatch-macros-torch-{torch.__version__}"
 
 
+def _target_version() -> str:
+    """The package's torch floor (its build info) as TORCH_TARGET_VERSION spells it, 0xMMmm...ULL."""
+    major, minor = (int(part) for part in vllm_mla_ops.build_info()["torch_floor"].split("."))
+    return f"0x{major:02x}{minor:02x}000000000000ULL"
+
+
 @pytest.fixture(scope="module")
 def dispatch_ops(tmp_path_factory):
     try:
@@ -64,7 +72,7 @@ def dispatch_ops(tmp_path_factory):
             build_directory=str(build),
             is_python_module=False,
             with_cuda=False,
-            extra_cflags=["-DTORCH_STABLE_ONLY", "-DTORCH_TARGET_VERSION=0x020b000000000000ULL"],
+            extra_cflags=["-DTORCH_STABLE_ONLY", f"-DTORCH_TARGET_VERSION={_target_version()}"],
             # As for the package (CMakeLists.txt): a compiler that links its C++ runtime statically
             # must keep that copy private, or formatting an error message crashes.
             extra_ldflags=["-Wl,--exclude-libs,ALL"],
