@@ -141,26 +141,6 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
   }
 }
 
-// Whether every row of t splits into aligned packs of n elements: the width divides, the last dim
-// is unit-stride, and the base and the strides of the dims that vary keep each row aligned.
-bool rows_split_into_packs(const Tensor& t, int64_t n) {
-  const auto bytes = static_cast<uintptr_t>(n * t.element_size());
-  if (t.size(2) % n != 0 || (t.size(2) > 1 && t.stride(2) != 1)) return false;
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes != 0) return false;
-  for (int64_t d = 0; d < 2; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
-  }
-  return true;
-}
-
-// The largest element offset a [T, H, W] view addresses (the validator has checked that it lies
-// inside the storage, so the sum does not overflow).
-int64_t last_offset(const Tensor& t) {
-  int64_t last = 0;
-  for (int64_t d = 0; d < 3; ++d) last += (t.size(d) - 1) * t.stride(d);
-  return last;
-}
-
 template <typename scalar_t, typename Convert, int N>
 void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
             bool copy_nope, cudaStream_t stream) {

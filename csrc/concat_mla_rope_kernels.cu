@@ -230,18 +230,6 @@ __global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t, Index> g, co
   }
 }
 
-// Whether the rows of t (its last dim) split into aligned packs of n elements: the width divides,
-// the last dim is unit-stride, the base and the strides of the other dims keep each row aligned.
-bool rows_split(const Tensor& t, int64_t n) {
-  const int64_t last = t.dim() - 1;
-  if (t.size(last) % n != 0 || (n > 1 && t.size(last) > 1 && t.stride(last) != 1)) return false;
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % static_cast<uintptr_t>(n * t.element_size()) != 0) return false;
-  for (int64_t d = 0; d < last; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
-  }
-  return true;
-}
-
 // Block of one row of units (a warp holds units of one kind where the row allows: nope packs, then
 // rope units), kRows query rows a thread: one under kOneRowBelow units in all, where more blocks
 // spread the latency over more SMs, else four.
@@ -277,7 +265,7 @@ void rope_rows(RopeGeometry<scalar_t, Index> g, const std::vector<const Tensor*>
                cudaStream_t stream) {
   constexpr int kWide = 8;
   bool wide = (is_neox ? g.half : 2 * g.half) % kWide == 0;
-  for (const Tensor* t : packed) wide = wide && rows_split(*t, kWide);
+  for (const Tensor* t : packed) wide = wide && rows_split_into_packs(*t, kWide);
   const auto run = [&](auto n) {
     constexpr int N = decltype(n)::value;
     constexpr int kPairs = N > 1 ? N / 2 : 1;
@@ -340,11 +328,6 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
   if (tokens == 0) return;
   // 32-bit offsets when the last element of every tensor is below 2^32 elements from its base
   // (strides are never negative, so every partial offset is below it too).
-  const auto last = [](const Tensor& t) {
-    int64_t offset = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) offset += (t.size(d) - 1) * t.stride(d);
-    return offset;
-  };
   std::vector<const Tensor*> all{&ql_nope, &q_pe, &positions, &cos_sin_cache, &q_out};
   std::vector<const Tensor*> packed{&ql_nope, &q_pe, &q_out};
   if (has_k) {
@@ -352,7 +335,7 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
     packed.insert(packed.end(), {&*kv_c, &*k_pe, &*kv_cache});
   }
   bool narrow = tokens < (int64_t{1} << 31);
-  for (const Tensor* t : all) narrow = narrow && last(*t) < (int64_t{1} << 32);
+  for (const Tensor* t : all) narrow = narrow && last_offset(*t) < (int64_t{1} << 32);
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
     const auto run = [&](auto index) {
       using Index = decltype(index);

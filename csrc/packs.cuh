@@ -1,10 +1,12 @@
 // What the CUDA kernels of every op share: packs of N elements moved by one access, the
-// conversions applied to a pack between its load and its store, and the device guard.
+// conversions applied to a pack between its load and its store, the host checks that choose a pack
+// width and an index type, and the device guard.
 #pragma once
 
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <cstdint>
 #include <cstring>
@@ -103,6 +105,29 @@ struct DivideE4M3 {
     return out;
   }
 };
+
+// Whether every row (the last dim) of t splits into aligned packs of n > 1 elements: the width
+// divides, the last dim is unit-stride, and the base and the strides of the dims that vary keep each
+// row aligned.
+inline bool rows_split_into_packs(const torch::stable::Tensor& t, int64_t n) {
+  const int64_t last = t.dim() - 1;
+  if (t.size(last) % n != 0 || (t.size(last) > 1 && t.stride(last) != 1)) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % static_cast<uintptr_t>(n * t.element_size()) != 0) {
+    return false;
+  }
+  for (int64_t d = 0; d < last; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % n != 0) return false;
+  }
+  return true;
+}
+
+// The largest element offset a view addresses (the validator has checked that it lies inside the
+// storage, so the sum does not overflow).
+inline int64_t last_offset(const torch::stable::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return last;
+}
 
 // The launching device made current for the call, as torch's device guard does, but without creating
 // one (an allocation and two calls into torch) when it already is current: the usual case, and
