@@ -73,6 +73,18 @@ std::string list(const Ints& values) {
   return text + "]";
 }
 
+// The element size of the dtypes the ops take, without a call into torch; 0 for the others.
+int64_t known_element_size(ScalarType t) {
+  switch (t) {
+    case ScalarType::Half:
+    case ScalarType::BFloat16: return 2;
+    case ScalarType::Float: return 4;
+    case ScalarType::Long: return 8;
+    case ScalarType::Float8_e4m3fn: return 1;
+    default: return 0;
+  }
+}
+
 // What the checks read of a tensor, fetched once: each accessor of the stable ABI is a call into
 // torch, and the validator runs on every op call.
 struct Meta {
@@ -82,7 +94,7 @@ struct Meta {
   ScalarType dtype;
   torch::stable::Device device;
   explicit Meta(const Tensor& tensor, const char* arg)
-      : t(tensor), name(arg), sizes(t.sizes()), strides(t.strides()), dtype(t.scalar_type()), device(t.device()) {}
+      : t(tensor), name(arg), sizes(t.sizes()), strides(t.strides()), dtype(dtype_of(t)), device(t.device()) {}
   int64_t numel() const {
     int64_t n = 1;
     for (size_t d = 0; d < sizes.size(); ++d) n *= sizes[d];
@@ -112,7 +124,8 @@ int64_t storage_bytes(const Tensor& t) {
 vllm_mla_ops::View checked_view(const char* op, const Meta& m) {
   const int64_t offset = m.t.storage_offset();
   __int128 last = offset;
-  vllm_mla_ops::View view{0, static_cast<int64_t>(m.t.element_size()), 0, {}, {}};
+  const int64_t item_bytes = known_element_size(m.dtype);
+  vllm_mla_ops::View view{0, item_bytes ? item_bytes : static_cast<int64_t>(m.t.element_size()), 0, {}, {}};
   for (size_t d = 0; d < m.sizes.size(); ++d) {
     if (m.sizes[d] <= 1) continue;
     last += static_cast<__int128>(m.sizes[d] - 1) * m.strides[d];
@@ -255,6 +268,24 @@ bool check_args(const char* op, const Tensor& ql_nope_t, const Tensor& q_pe_t, c
 }
 
 }  // namespace
+
+ScalarType dtype_of(const Tensor& t) {
+  // Read once: the shim's codes of the dtypes the ops take.
+  static const std::array<std::pair<int32_t, ScalarType>, 5> codes{{
+      {aoti_torch_dtype_bfloat16(), ScalarType::BFloat16},
+      {aoti_torch_dtype_float16(), ScalarType::Half},
+      {aoti_torch_dtype_float8_e4m3fn(), ScalarType::Float8_e4m3fn},
+      {aoti_torch_dtype_float32(), ScalarType::Float},
+      {aoti_torch_dtype_int64(), ScalarType::Long},
+  }};
+  int32_t code = 0;
+  if (aoti_torch_get_dtype(t.get(), &code) == AOTI_TORCH_SUCCESS) {
+    for (const auto& [known, type] : codes) {
+      if (code == known) return type;
+    }
+  }
+  return t.scalar_type();
+}
 
 void check_inference_only(const char* op, std::initializer_list<OpArg> args) {
   // Engines call the ops under no_grad or inference_mode: there this is one thread-local read.

@@ -24,6 +24,17 @@ namespace {
 // Elements per parallel task (ATen's own grain size): small inputs stay on the calling thread.
 constexpr int64_t kGrainElements = 32768;
 
+// torch's parallel_for runs a range of one grain or less on the calling thread; this runs it
+// there without the calls into torch (decode sizes are one grain).
+template <typename F>
+void parallel_rows(int64_t rows, int64_t grain, const F& f) {
+  if (rows <= grain) {
+    f(int64_t{0}, rows);
+  } else {
+    torch::stable::parallel_for(0, rows, grain, f);
+  }
+}
+
 // The last-level cache the kernels' two size rules compare against. A call whose reads and writes
 // together outgrow it walks the rows in ql_nope's memory order (see concat_rows); a copy whose
 // output alone outgrows it writes with streaming (non-temporal) stores, which go to memory without
@@ -142,9 +153,10 @@ struct Rows {
   bool copy_nope;    // false when ql_nope is q_out's nope half already
 };
 
-// Rows [begin, end) of the walk: one division, then the rows advance along the inner dim.
+// Rows [begin, end) of the walk: one division, then the rows advance along the inner dim. Flattened,
+// so that both row operations inline into each clone (else one call stays on the baseline ISA).
 template <typename scalar_t, typename out_t, typename RowOp>
-[[gnu::target_clones("avx512f", "avx2", "default")]] void run_rows(const Rows<scalar_t, out_t>& r,
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void run_rows(const Rows<scalar_t, out_t>& r,
                                                                    const RowOp& row_op, int64_t begin, int64_t end) {
   int64_t o = begin / r.inner, i = begin % r.inner;
   for (int64_t row = begin; row < end; ++row) {
@@ -178,8 +190,7 @@ void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
   r.heads_outer = heads > 1 && tokens > 1 && r.nope_s1 > r.nope_s0 && bytes >= cache_bytes();
   r.inner = r.heads_outer ? tokens : heads;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + r.rope_dim));
-  torch::stable::parallel_for(0, tokens * heads, grain,
-                              [&](int64_t begin, int64_t end) { run_rows(r, row_op, begin, end); });
+  parallel_rows(tokens * heads, grain, [&](int64_t begin, int64_t end) { run_rows(r, row_op, begin, end); });
 }
 
 // x / scale into e4m3fn, saturating: vLLM's fp8 KV-cache write, a division where the query's
@@ -242,24 +253,30 @@ struct RopeRows {
   bool copy_nope;
 };
 
+// The rotated rope row goes to a buffer on the stack (on the heap past kStackRope elements).
+constexpr int64_t kStackRope = 256;
+
 template <typename scalar_t, typename q_t, typename k_t, typename QOp, typename KOp>
-[[gnu::target_clones("avx512f", "avx2", "default")]] void run_rope_rows(const RopeRows<scalar_t, q_t, k_t>& r, const Rotation<scalar_t>& rotate, const QOp& q_op,
-                   const KOp& k_op, int64_t begin, int64_t end) {
-  std::vector<scalar_t> rotated(static_cast<size_t>(r.rope_dim));
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void run_rope_rows(
+    const RopeRows<scalar_t, q_t, k_t>& r, const Rotation<scalar_t>& rotate, const QOp& q_op, const KOp& k_op,
+    int64_t begin, int64_t end) {
+  scalar_t on_stack[kStackRope];
+  std::vector<scalar_t> on_heap(r.rope_dim > kStackRope ? static_cast<size_t>(r.rope_dim) : 0);
+  scalar_t* const rotated = r.rope_dim > kStackRope ? on_heap.data() : on_stack;
   for (int64_t row = begin; row < end; ++row) {
     if (row < r.tokens * r.heads) {
       const int64_t t = row / r.heads, h = row % r.heads;
       q_t* out_row = r.out + t * r.out_s0 + h * r.out_s1;
       if (r.copy_nope) q_op(out_row, r.out_s2, r.nope + t * r.nope_s0 + h * r.nope_s1, r.nope_s2, r.nope_dim);
-      rotate(rotated.data(), r.pe + t * r.pe_s0 + h * r.pe_s1, r.pe_s2, r.positions[t * r.positions_s0]);
-      q_op(out_row + r.nope_dim * r.out_s2, r.out_s2, rotated.data(), int64_t{1}, r.rope_dim);
+      rotate(rotated, r.pe + t * r.pe_s0 + h * r.pe_s1, r.pe_s2, r.positions[t * r.positions_s0]);
+      q_op(out_row + r.nope_dim * r.out_s2, r.out_s2, rotated, int64_t{1}, r.rope_dim);
     } else {
       const int64_t t = row - r.tokens * r.heads, slot = r.slots[t * r.slots_s0];
       if (slot < 0 || slot >= r.num_slots) continue;  // padding, or a slot past the cache: nothing written
       k_t* cache_row = r.cache + (slot / r.block_size) * r.cache_s0 + (slot % r.block_size) * r.cache_s1;
       k_op(cache_row, r.cache_s2, r.kv_c + t * r.kv_c_s0, r.kv_c_s1, r.kv_dim);
-      rotate(rotated.data(), r.k_pe + t * r.k_pe_s0, r.k_pe_s1, r.positions[t * r.positions_s0]);
-      k_op(cache_row + r.kv_dim * r.cache_s2, r.cache_s2, rotated.data(), int64_t{1}, r.rope_dim);
+      rotate(rotated, r.k_pe + t * r.k_pe_s0, r.k_pe_s1, r.positions[t * r.positions_s0]);
+      k_op(cache_row + r.kv_dim * r.cache_s2, r.cache_s2, rotated, int64_t{1}, r.rope_dim);
     }
   }
   q_op.finish();
@@ -297,13 +314,11 @@ void rope_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& position
     rows += tokens;
   }
   const Rotation<scalar_t> rotate{cos_sin_cache.const_data_ptr(),
-                                  cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float,
+                                  dtype_of(cos_sin_cache) == torch::headeronly::ScalarType::Float,
                                   cos_sin_cache.stride(0), cos_sin_cache.stride(1), cos_sin_cache.size(0),
                                   rope_dim / 2, is_neox};
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + rope_dim));
-  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    run_rope_rows(r, rotate, q_op, k_op, begin, end);
-  });
+  parallel_rows(rows, grain, [&](int64_t begin, int64_t end) { run_rope_rows(r, rotate, q_op, k_op, begin, end); });
 }
 
 // positions and slot_mapping as host vectors, for the checked mode.
@@ -324,7 +339,7 @@ float scale_value(const std::optional<Tensor>& scale) {
 void concat_mla_q_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
   const bool nope_in_place = check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
-  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_q", [&] {
     const bool stream = q_out.numel() * int64_t{sizeof(scalar_t)} >= cache_bytes();
     concat_rows<scalar_t, scalar_t>(ql_nope, q_pe, q_out, CopyRow{stream}, !nope_in_place);
   });
@@ -334,7 +349,7 @@ void concat_mla_q_fp8_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out, Tensor scal
   check_concat_mla_q_args(ql_nope, q_pe, q_out, scale);
   if (q_out.numel() == 0) return;
   const QuantizeRow quantize{1.0f / *static_cast<const float*>(scale.const_data_ptr())};
-  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_q_fp8", [&] {
     concat_rows<scalar_t, uint8_t>(ql_nope, q_pe, q_out, quantize, true);
   });
 }
@@ -354,7 +369,7 @@ void concat_mla_rope_cpu(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor c
   const CopyRow copy{false};
   const QuantizeRow q_quantize{1.0f / scale_value(q_scale)};
   const QuantizeDivRow k_quantize{scale_value(k_scale)};
-  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_rope", [&] {
     const auto with_k = [&](auto q_t, const auto& q_op) {
       using Q = decltype(q_t);
       if (k_scale) {

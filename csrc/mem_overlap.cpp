@@ -1,6 +1,7 @@
 #include "mem_overlap.h"
 
 #include <algorithm>
+#include <array>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -82,11 +83,19 @@ class BoundedSum {
   std::vector<int64_t> rest_min_, rest_max_, rest_gcd_;
 };
 
-// The (stride, size) pairs of the dims that vary, by increasing stride.
-std::vector<std::pair<int64_t, int64_t>> varying_dims(const View& v) {
-  std::vector<std::pair<int64_t, int64_t>> dims;
-  for (int d = 0; d < v.dims; ++d) dims.push_back({v.strides[d], v.sizes[d]});
-  std::sort(dims.begin(), dims.end());
+// The (stride, size) pairs of the dims that vary, by increasing stride; on the stack, as the
+// validator runs on every op call.
+struct Dims {
+  int count = 0;
+  std::array<std::pair<int64_t, int64_t>, 3> pairs;
+  const std::pair<int64_t, int64_t>* begin() const { return pairs.data(); }
+  const std::pair<int64_t, int64_t>* end() const { return pairs.data() + count; }
+};
+
+Dims varying_dims(const View& v) {
+  Dims dims;
+  for (int d = 0; d < v.dims; ++d) dims.pairs[dims.count++] = {v.strides[d], v.sizes[d]};
+  std::sort(dims.pairs.begin(), dims.pairs.begin() + dims.count);
   return dims;
 }
 
@@ -124,8 +133,8 @@ std::pair<int64_t, int64_t> byte_span(const View& v) {
 }  // namespace
 
 Overlap internal_overlap(const View& v) {
-  const auto dims = varying_dims(v);
-  if (!dims.empty() && dims.front().first == 0) return Overlap::kYes;  // stride 0 repeats an element
+  const Dims dims = varying_dims(v);
+  if (dims.count > 0 && dims.pairs[0].first == 0) return Overlap::kYes;  // stride 0 repeats an element
   if (strides_nest(v)) return Overlap::kNo;
   // Two distinct indices share an element iff some nonzero index difference has
   // sum_k stride_k * diff_k == 0. Negating the difference if needed, its first nonzero entry

@@ -18,6 +18,10 @@ struct OpArg {
   bool written;
 };
 
+// t.scalar_type() without its chain of calls into torch (one a dtype, in a fixed order, to map
+// torch's dtype code) for the dtypes the ops take.
+torch::headeronly::ScalarType dtype_of(const Tensor& t);
+
 // The ops have no autograd formula. In grad mode: refuses an argument that requires grad and a
 // written inference tensor (torch forbids writing one outside inference mode), then bumps the
 // version of each written tensor, as torch's in-place ops do. Outside grad mode it returns at once
