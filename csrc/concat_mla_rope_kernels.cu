@@ -60,6 +60,24 @@ __device__ void store(typename Convert::out_t* p, const scalar_t (&src)[N], cons
   __stwb(reinterpret_cast<Pack<typename Convert::out_t, N>*>(p), convert(pack));
 }
 
+// Makes the value's registers needed here, at no instruction: the loads and arithmetic that produce
+// it are not sunk below a later branch (nvcc moves a load whose value only a conditional store uses
+// under that condition, behind the condition's own load).
+template <typename T>
+__device__ void needed_here(const T& value) {
+  if constexpr (sizeof(T) % 4 == 0) {
+    uint32_t words[sizeof(T) / 4];
+    memcpy(words, &value, sizeof(T));
+#pragma unroll
+    for (uint32_t w : words) asm volatile("" ::"r"(w));
+  } else {
+    static_assert(sizeof(T) == 2, "one 16-bit element");
+    uint16_t half;
+    memcpy(&half, &value, sizeof(T));
+    asm volatile("" ::"h"(half));
+  }
+}
+
 // (a, b) rounded to scalar_t, a in the low half: one conversion instruction for the pair.
 template <typename scalar_t>
 __device__ uint32_t round_pair(float a, float b) {
@@ -114,12 +132,14 @@ __device__ void load_cos_sin(const RopeGeometry<scalar_t, Index>& g, int64_t pos
 // Rope unit r of kRows rows that share a token (one position, so one read of cos and sin): pairs
 // i0 + k, k < kPairs, i0 = r * kPairs. GPT-J pairs are (2i, 2i + 1), kPairs = N / 2 of them in one
 // pack (N == 1: one element a load); NeoX pairs are (i, i + half), kPairs = N of them in two packs.
-// Each row's packs are loaded before the position is needed. Each product is rounded on its own
-// (__fmul_rn is never fused into an FMA), then the sum, then once to scalar_t.
-template <typename scalar_t, int N, bool kNeox, int kRows, typename Index, typename Convert>
+// Each row's packs are loaded before the position is needed, and the conversion (fp8: its scale's
+// load and reciprocal) is made once the loads are in flight. Row j's rope half is written at y(j),
+// asked for only once the row is rotated (a cache row's address waits on its slot), and not at all
+// when y(j) is null. Each product is rounded on its own (__fmul_rn is never fused into an FMA), then
+// the sum, then once to scalar_t.
+template <typename Convert, int N, bool kNeox, int kRows, typename scalar_t, typename Index, typename Rows>
 __device__ void rope_unit(const RopeGeometry<scalar_t, Index>& g, const scalar_t* const (&x)[kRows], Index x_s,
-                          typename Convert::out_t* const (&y)[kRows], Index y_s, const int64_t* position, int r,
-                          const Convert& convert) {
+                          const Rows& y, Index y_s, const int64_t* position, int r, const typename Convert::Args& args) {
   constexpr int kPairs = kNeox ? N : (N > 1 ? N / 2 : 1);
   constexpr bool kTwoLoads = kNeox || N == 1;  // a and b halves in separate packs
   constexpr int kLoad = kTwoLoads ? kPairs : N;
@@ -134,6 +154,7 @@ __device__ void rope_unit(const RopeGeometry<scalar_t, Index>& g, const scalar_t
   }
   float c[kPairs], s[kPairs];
   load_cos_sin(g, __ldg(position), i0, c, s);
+  const Convert convert(args);
   const Index ya = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : y_s), yb = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : y_s);
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
@@ -163,97 +184,122 @@ __device__ void rope_unit(const RopeGeometry<scalar_t, Index>& g, const scalar_t
       memcpy(a_out, a_words, sizeof(a_out));
       if constexpr (kTwoLoads) memcpy(b_out, b_words, sizeof(b_out));
     }
-    store(y[j] + ya, a_out, convert);
-    if constexpr (kTwoLoads) store(y[j] + yb, b_out, convert);
+    needed_here(a_out);
+    if constexpr (kTwoLoads) needed_here(b_out);
+    if (typename Convert::out_t* row = y(j)) {
+      store(row + ya, a_out, convert);
+      if constexpr (kTwoLoads) store(row + yb, b_out, convert);
+    }
   }
 }
 
 // Query blocks: blockIdx.x * kRows + j (j < kRows) are the heads, threadIdx.x the unit; a thread moves
 // its unit of kRows rows, loading all before storing any. A head past the last is the last head again
 // (the same bytes to the same place), so no thread branches on it. With the K side, the last block
-// column holds the tokens' cache rows: a slot outside the cache writes nothing. blockIdx.y strides
-// over the tokens.
-template <typename scalar_t, int N, bool kNeox, int kRows, typename Index, typename QConvert, typename KConvert>
+// column holds the tokens' cache rows: the row is loaded before its slot is known, and a slot
+// outside the cache writes nothing. blockIdx.y is the token. kLoop: the block strides over more
+// units than it has threads and the grid over more tokens than its 65535 rows; without it each
+// thread moves one unit of one token, straight-line code that reads only its own path's parameters
+// (with the loops nvcc hoists the parameter reads of every path above them, and a thread issued
+// about 70 instructions before its first load, against about 30).
+template <typename scalar_t, int N, bool kNeox, int kRows, bool kLoop, typename Index, typename QConvert,
+          typename KConvert>
 __global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t, Index> g, const typename QConvert::Args q_args,
                                        const typename KConvert::Args k_args) {
   const bool k_block = g.has_k && blockIdx.x == gridDim.x - 1;
   const int units = (k_block ? g.kv_units : g.nope_units) + g.rope_units;
   const auto at = [](Index i, Index stride) { return N > 1 ? i : i * stride; };
-  for (Index t = blockIdx.y; t < g.tokens; t += gridDim.y) {
-    for (int u = threadIdx.x; u < units; u += blockDim.x) {
-      if (!k_block) {
-        const QConvert convert(q_args);
-        using Out = typename QConvert::out_t;
-        Out* out[kRows];
-        Index heads[kRows];
+  const auto unit = [&](Index t, int u) {
+    if (!k_block) {
+      using Out = typename QConvert::out_t;
+      Out* out[kRows];
+      Index heads[kRows];
 #pragma unroll
-        for (int j = 0; j < kRows; ++j) {
-          heads[j] = min(static_cast<int>(blockIdx.x) * kRows + j, g.heads - 1);
-          out[j] = static_cast<Out*>(g.out) + t * g.out_s0 + heads[j] * g.out_s1;
-        }
-        if (u < g.nope_units) {
-          scalar_t v[kRows][N];
+      for (int j = 0; j < kRows; ++j) {
+        heads[j] = min(static_cast<int>(blockIdx.x) * kRows + j, g.heads - 1);
+        out[j] = static_cast<Out*>(g.out) + t * g.out_s0 + heads[j] * g.out_s1;
+      }
+      if (u < g.nope_units) {
+        scalar_t v[kRows][N];
 #pragma unroll
-          for (int j = 0; j < kRows; ++j) load(v[j], g.nope + t * g.nope_s0 + heads[j] * g.nope_s1 + at(Index(u) * N, g.nope_s2));
+        for (int j = 0; j < kRows; ++j) load(v[j], g.nope + t * g.nope_s0 + heads[j] * g.nope_s1 + at(Index(u) * N, g.nope_s2));
+        const QConvert convert(q_args);  // once the loads are in flight (fp8: the scale's load and reciprocal)
 #pragma unroll
-          for (int j = 0; j < kRows; ++j) store(out[j] + at(Index(u) * N, g.out_s2), v[j], convert);
-        } else {
-          const scalar_t* x[kRows];
-          Out* y[kRows];
-#pragma unroll
-          for (int j = 0; j < kRows; ++j) {
-            x[j] = g.pe + t * g.pe_s0 + heads[j] * g.pe_s1;
-            y[j] = out[j] + at(g.nope_dim, g.out_s2);
-          }
-          rope_unit<scalar_t, N, kNeox, kRows, Index>(g, x, g.pe_s2, y, g.out_s2, g.positions + t * g.positions_s0,
-                                                      u - g.nope_units, convert);
-        }
+        for (int j = 0; j < kRows; ++j) store(out[j] + at(Index(u) * N, g.out_s2), v[j], convert);
       } else {
-        const KConvert convert(k_args);
-        using Out = typename KConvert::out_t;
-        const int64_t slot_value = __ldg(g.slots + t * g.slots_s0);
-        if (slot_value < 0 || slot_value >= g.num_slots) break;
+        const scalar_t* x[kRows];
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) x[j] = g.pe + t * g.pe_s0 + heads[j] * g.pe_s1;
+        const auto rope_half = [&](int j) { return out[j] + at(g.nope_dim, g.out_s2); };
+        rope_unit<QConvert, N, kNeox, kRows>(g, x, g.pe_s2, rope_half, g.out_s2, g.positions + t * g.positions_s0,
+                                             u - g.nope_units, q_args);
+      }
+    } else {
+      // The slot's load first; its value is waited for only once the row's data are in registers.
+      using Out = typename KConvert::out_t;
+      const int64_t slot_value = __ldg(g.slots + t * g.slots_s0);
+      const auto cache_row = [&]() -> Out* {
+        if (slot_value < 0 || slot_value >= g.num_slots) return nullptr;
         const auto slot = static_cast<Index>(slot_value);
-        Out* row = static_cast<Out*>(g.cache) + (slot / g.block_size) * g.cache_s0 + (slot % g.block_size) * g.cache_s1;
-        if (u < g.kv_units) {
-          scalar_t v[N];
-          load(v, g.kv_c + t * g.kv_c_s0 + at(Index(u) * N, g.kv_c_s1));
-          store(row + at(Index(u) * N, g.cache_s2), v, convert);
-        } else {
-          const scalar_t* const x[1] = {g.k_pe + t * g.k_pe_s0};
-          Out* const y[1] = {row + at(g.kv_dim, g.cache_s2)};
-          rope_unit<scalar_t, N, kNeox, 1, Index>(g, x, g.k_pe_s1, y, g.cache_s2, g.positions + t * g.positions_s0,
-                                                  u - g.kv_units, convert);
-        }
+        return static_cast<Out*>(g.cache) + (slot / g.block_size) * g.cache_s0 + (slot % g.block_size) * g.cache_s1;
+      };
+      if (u < g.kv_units) {
+        scalar_t v[N];
+        load(v, g.kv_c + t * g.kv_c_s0 + at(Index(u) * N, g.kv_c_s1));
+        needed_here(v);
+        if (Out* row = cache_row()) store(row + at(Index(u) * N, g.cache_s2), v, KConvert(k_args));
+      } else {
+        const scalar_t* const x[1] = {g.k_pe + t * g.k_pe_s0};
+        const auto rope_half = [&](int) {
+          Out* row = cache_row();
+          return row ? row + at(g.kv_dim, g.cache_s2) : nullptr;
+        };
+        rope_unit<KConvert, N, kNeox, 1>(g, x, g.k_pe_s1, rope_half, g.cache_s2, g.positions + t * g.positions_s0,
+                                         u - g.kv_units, k_args);
       }
     }
+  };
+  if constexpr (kLoop) {
+    for (Index t = blockIdx.y; t < g.tokens; t += gridDim.y) {
+      for (int u = threadIdx.x; u < units; u += blockDim.x) unit(t, u);
+    }
+  } else if (static_cast<int>(threadIdx.x) < units) {
+    unit(blockIdx.y, threadIdx.x);
   }
 }
 
 // Block of one row of units (a warp holds units of one kind where the row allows: nope packs, then
 // rope units), kRows query rows a thread: one under kOneRowBelow units in all, where more blocks
-// spread the latency over more SMs, else four.
+// spread the latency over more SMs, else four. The loops only where one pass does not cover the call.
 template <typename scalar_t, typename QConvert, typename KConvert, int N, bool kNeox, typename Index>
 void launch_rope(const RopeGeometry<scalar_t, Index>& g, const typename QConvert::Args& q_args,
                  const typename KConvert::Args& k_args, cudaStream_t stream) {
   constexpr int64_t kOneRowBelow = int64_t{1} << 16;
+  constexpr int kMaxThreads = 1024, kMaxTokens = 65535;
   const int units = std::max(g.nope_units, g.has_k ? g.kv_units : 0) + g.rope_units;
   if (units == 0) return;  // rows of no element (zero widths, or only the nope half, written in place)
-  const dim3 block(static_cast<unsigned>(std::min(units, 1024)));
-  const auto run = [&](auto rows) {
+  const dim3 block(static_cast<unsigned>(std::min(units, kMaxThreads)));
+  const auto run = [&](auto rows, auto loop) {
     constexpr int kRows = decltype(rows)::value;
     const dim3 grid(static_cast<unsigned>((g.heads + kRows - 1) / kRows + (g.has_k ? 1 : 0)),
-                    static_cast<unsigned>(std::min<int64_t>(g.tokens, 65535)));
-    concat_mla_rope_kernel<scalar_t, N, kNeox, kRows, Index, QConvert, KConvert>
+                    static_cast<unsigned>(std::min<int64_t>(g.tokens, kMaxTokens)));
+    concat_mla_rope_kernel<scalar_t, N, kNeox, kRows, decltype(loop)::value, Index, QConvert, KConvert>
         <<<grid, block, 0, stream>>>(g, q_args, k_args);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if constexpr (N == 1) {
-    run(std::integral_constant<int, 1>{});
-  } else if (g.tokens * g.heads * units < kOneRowBelow) {
-    run(std::integral_constant<int, 1>{});
+  const auto rows = [&](auto loop) {
+    if constexpr (N == 1) {
+      run(std::integral_constant<int, 1>{}, loop);
+    } else if (g.tokens * g.heads * units < kOneRowBelow) {
+      run(std::integral_constant<int, 1>{}, loop);
+    } else {
+      run(std::integral_constant<int, 4>{}, loop);
+    }
+  };
+  if (units > kMaxThreads || g.tokens > kMaxTokens) {
+    rows(std::true_type{});
   } else {
-    run(std::integral_constant<int, 4>{});
+    rows(std::false_type{});
   }
 }
 
