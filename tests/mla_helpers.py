@@ -6,7 +6,9 @@ checks every test ends in: the op wrote exactly its reference, or it raised and 
 Both checks compare raw bytes of whole storages, so a write outside the written tensor's elements
 (into a gap of a strided q_out, an input, the scale) fails as surely as a wrong value.
 
-A new op joins every op-parametrized test by adding its Op to OP_LIST (see Op).
+An op with the concat ops' kind of arguments joins every op-parametrized test by adding its Op to
+OP_LIST (see Op); concat_mla_rope's arguments are not of that kind, and tests/test_concat_mla_rope.py
+makes the same checks for them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import functools
 import os
 from typing import Callable, Sequence
+from unittest import mock
 
 import pytest
 import torch
@@ -390,6 +393,20 @@ def assert_refused(op: Op, args: dict, message: str, call: Callable = call_raw,
     # for every message (those with shapes and strides are new each time).
     assert message in str(raised.value), f"expected {message!r} in the error, got {str(raised.value)!r}"
     assert_storages(before, tensors, "a refused call wrote")
+
+
+def _allclose_with_float8(a: torch.Tensor, b: torch.Tensor, *args, _allclose=torch.allclose, **kwargs) -> bool:
+    """torch.allclose, except for float8 (which has no CPU arithmetic): equal bits. opcheck's schema
+    check compares each argument before and after the call with it, to find what the op wrote."""
+    if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+    return _allclose(a, b, *args, **kwargs)
+
+
+def opcheck(raw, args: tuple, checks: Sequence[str]) -> None:
+    """torch.library.opcheck of the raw op with the named checks, float8 arguments compared by bits."""
+    with mock.patch("torch.allclose", _allclose_with_float8):
+        torch.library.opcheck(raw, args, test_utils=tuple(checks))
 
 
 # ------------------------------------------------------------------------------- overlap oracle

@@ -7,7 +7,6 @@ test_inference_only.py's."""
 from __future__ import annotations
 
 import re
-from unittest import mock
 
 import pytest
 import torch
@@ -16,13 +15,13 @@ from torch._inductor.utils import run_and_get_code
 
 from mla_helpers import (
     OPS,
+    opcheck,
     assert_refused,
     assert_writes_reference,
     inductor_call_body,
     valid_args,
 )
 from vllm_mla_ops.testing import (
-    bits,
     contiguous,
     heads_major,
     inside_bigger,
@@ -58,17 +57,6 @@ OPCHECK_SAMPLES = {
 # counts as a registration. The ops' autograd contract is test_inference_only.py's.
 OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
-_allclose = torch.allclose
-
-
-def _allclose_with_float8(a: torch.Tensor, b: torch.Tensor, *args, **kwargs) -> bool:
-    """torch.allclose, except for float8 (which has no CPU arithmetic): equal bits. The schema
-    check compares each argument before and after the call with it, to find what the op wrote."""
-    if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
-    return _allclose(a, b, *args, **kwargs)
-
-
 @pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES))
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_runs_the_op(device, op, sample):
@@ -80,8 +68,7 @@ def test_opcheck_runs_the_op(device, op, sample):
     tokens, pe_heads, layouts = OPCHECK_SAMPLES[sample]
     args = valid_args(op, device, tokens=tokens, heads=16, nope_dim=512, rope_dim=64, pe_heads=pe_heads,
                       layouts=layouts, scale=0.0037)
-    with mock.patch("torch.allclose", _allclose_with_float8):
-        torch.library.opcheck(op.raw, tuple(args.values()), test_utils=OPCHECK_TESTS)
+    opcheck(op.raw, tuple(args.values()), OPCHECK_TESTS)
 
 
 # ------------------------------------------------------------------------------ torch.compile

@@ -1,9 +1,12 @@
-"""What only concat_mla_rope promises (its checks common to every op run in the op-parametrized
-tests): every output bit-exact against vllm_mla_ops.testing.reference_rope on fresh random bit
+"""concat_mla_rope's tests: what only it promises, and the checks the other ops get from the
+op-parametrized tests, made here for its arguments (a bool, optional and index tensors, two written
+tensors). Every output bit-exact against vllm_mla_ops.testing.reference_rope on fresh random bit
 patterns, for both pairings, both fp8 outputs, both cache dtypes, the engines' layouts and layouts
 that take the one-element path; the nope half written by a bmm left alone; indices outside their
 tensors never leading a read or write outside them; the checked mode; CUDA-graph replay reading
-positions, slots and scales of the moment."""
+positions, slots and scales of the moment; every bad argument refused before any write, eagerly and
+by the fake; the inference-only contract (grad mode refuses arguments that require grad and
+inference outputs, and bumps both outputs' versions); math-bit and nested arguments; opcheck."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import pytest
 import torch
 
 import vllm_mla_ops
-from mla_helpers import assert_storages, snapshot
+from mla_helpers import assert_storages, opcheck, snapshot
 from vllm_mla_ops.testing import (
     assert_equal_or_both_nan,
     assert_fp8_equal,
@@ -423,3 +426,120 @@ def test_fake_refuses_with_the_same_message(case):
         fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
         with pytest.raises(RuntimeError, match=re.escape(REFUSALS[case][1])):
             torch.ops._C.concat_mla_rope(*fake.values())
+
+
+# ------------------------------------------------------------------ contracts shared with the other ops
+# The other ops' versions of these are op-parametrized (test_inference_only.py, test_hostile.py,
+# test_compile.py); concat_mla_rope's arguments (a bool, optional tensors, a second written tensor,
+# index tensors) are built here instead.
+
+INFERENCE_ONLY = "concat_mla_rope is inference-only (no autograd formula): got {arg} with requires_grad=True"
+FLOAT_ARGS = ["ql_nope", "q_pe", "cos_sin_cache", "q_out", "kv_c", "k_pe", "kv_cache"]
+
+
+def _refused(args: dict, message: str, call=None) -> None:
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor)]
+    before = snapshot(*tensors)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        (call or (lambda: torch.ops._C.concat_mla_rope(*args.values())))()
+    assert_storages(before, tensors, "a refused call wrote")
+
+
+@pytest.mark.parametrize("which", FLOAT_ARGS + ["q_scale", "k_scale"])
+def test_grad_mode_refuses_an_argument_requiring_grad(device, which):
+    """In grad mode any float argument that requires grad (fp8 scales included) is refused before
+    any write; under no_grad and inference_mode the same call writes the reference."""
+    fp8 = which.endswith("scale")
+    args = _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6, q_fp8=fp8,
+                   k_side="fp8" if fp8 else "bf16")
+    args[which] = args[which].detach().requires_grad_()
+    _refused(args, INFERENCE_ONLY.format(arg=which))
+    for mode in (torch.no_grad, torch.inference_mode):
+        expected = _expected(args)
+        with mode():
+            torch.ops._C.concat_mla_rope(*args.values())
+        _assert_outputs(args, expected)
+
+
+def test_grad_mode_call_bumps_both_written_versions(device):
+    """Nothing requires grad: in grad mode the call is exact and counts as an in-place write of q_out
+    and kv_cache (each version up by one, no other argument's); outside grad mode no version moves."""
+    args = _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6)
+    tensors = {name: t for name, t in args.items() if isinstance(t, torch.Tensor)}
+    versions = {name: t._version for name, t in tensors.items()}
+    expected = _expected(args)
+    assert torch.is_grad_enabled()
+    torch.ops._C.concat_mla_rope(*args.values())
+    _assert_outputs(args, expected)
+    assert {n: t._version for n, t in tensors.items()} == {
+        n: v + (n in ("q_out", "kv_cache")) for n, v in versions.items()}
+    with torch.no_grad():
+        torch.ops._C.concat_mla_rope(*args.values())
+    assert {n: t._version for n, t in tensors.items()} == {
+        n: v + (n in ("q_out", "kv_cache")) for n, v in versions.items()}
+
+
+@pytest.mark.parametrize("written", ["q_out", "kv_cache"])
+def test_inference_output_refused_in_grad_mode_written_under_no_grad(device, written):
+    """An output made under inference_mode: refused in grad mode (torch forbids writing one outside
+    inference mode) before any write, written exactly under no_grad."""
+    args = _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6)
+    with torch.inference_mode():
+        args[written] = args[written].clone()
+    _refused(args, f"concat_mla_rope: {written} is an inference tensor (created under torch.inference_mode()) "
+                   "and cannot be written outside inference mode")
+    expected = _expected(args)
+    with torch.no_grad():
+        torch.ops._C.concat_mla_rope(*args.values())
+    _assert_outputs(args, expected)
+
+
+@pytest.mark.parametrize("written", ["q_out", "kv_cache"])
+def test_output_with_the_negative_bit_is_refused(device, written):
+    """An output that is a negative-bit view (torch._neg_view) is refused with the math-bit message
+    in every mode, before any write."""
+    args = _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6)
+    args[written] = torch._neg_view(args[written])
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            _refused(args, f"concat_mla_rope: {written} must not carry the negative or conjugate bit")
+
+
+def test_inputs_with_the_negative_bit_are_read_resolved(device):
+    """Every float input as a negative-bit view: the outputs hold the reference of the resolved
+    inputs, and the views' storages are left alone."""
+    args = _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6)
+    views = {n: torch._neg_view(t) if n in ("ql_nope", "q_pe", "cos_sin_cache", "kv_c", "k_pe") else t
+             for n, t in args.items()}
+    resolved = {n: t.resolve_neg() if isinstance(t, torch.Tensor) else t for n, t in views.items()}
+    expected = _expected(resolved)
+    inputs = [t for n, t in views.items() if isinstance(t, torch.Tensor) and n not in ("q_out", "kv_cache")]
+    before = snapshot(*inputs)
+    _call(views)
+    _assert_outputs(views, expected)
+    assert_storages(before, inputs, "an input's storage changed")
+
+
+def test_nested_tensor_is_refused(device):
+    """A nested tensor as ql_nope: the nested-tensor message, nothing written."""
+    args = _inputs(device, tokens=3, heads=2, nope_dim=8, rope_dim=4, kv_dim=6)
+    dense = [t for t in args.values() if isinstance(t, torch.Tensor)]
+    args["ql_nope"] = torch.nested.nested_tensor(list(args["ql_nope"]), layout=torch.jagged)
+    before = snapshot(*dense)
+    with pytest.raises(RuntimeError, match="concat_mla_rope: nested tensors are not supported"):
+        torch.ops._C.concat_mla_rope(*args.values())
+    assert_storages(before, dense, "a refused call wrote")
+
+
+@pytest.mark.parametrize("variant", ["q", "qk", "qk_fp8"])
+def test_opcheck_runs_the_op(device, variant):
+    """torch.library.opcheck's checks that run the op (schema: it writes only q_out and kv_cache;
+    fake tensors; AOT dispatch with dynamic shapes), Q only, with the K side, and with fp8 outputs."""
+    fp8 = variant.endswith("fp8")
+    args = _inputs(device, tokens=5, heads=4, nope_dim=16, rope_dim=8, kv_dim=16, q_fp8=fp8,
+                   k_side="none" if variant == "q" else "fp8" if fp8 else "bf16")
+    for name in ("ql_nope", "q_pe", "kv_c", "k_pe"):  # finite values: opcheck compares with allclose
+        if args[name] is not None:
+            args[name] = args[name].clone().copy_(torch.randn(args[name].shape))
+    opcheck(torch.ops._C.concat_mla_rope.default, tuple(args.values()),
+            ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
