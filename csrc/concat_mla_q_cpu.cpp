@@ -64,6 +64,18 @@ int64_t cache_bytes() {
   return bytes;
 }
 
+// A tensor's sizes and strides, read with one call into torch each (size(d) and stride(d) are a
+// call a dim); views of the tensor's own arrays.
+struct Shape {
+  torch::headeronly::IntHeaderOnlyArrayRef sizes, strides;
+  explicit Shape(const Tensor& t) : sizes(t.sizes()), strides(t.strides()) {}
+  int64_t numel() const {
+    int64_t n = 1;
+    for (const int64_t size : sizes) n *= size;
+    return n;
+  }
+};
+
 struct CopyRow {
   bool stream;  // unit-stride rows with 16-byte streaming stores
   template <typename scalar_t>
@@ -174,19 +186,19 @@ template <typename scalar_t, typename out_t, typename RowOp>
 
 template <typename scalar_t, typename out_t, typename RowOp>
 void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const RowOp& row_op, bool copy_nope) {
-  const int64_t tokens = q_out.size(0), heads = q_out.size(1);
+  const Shape nope(ql_nope), pe(q_pe), out(q_out);
+  const int64_t tokens = out.sizes[0], heads = out.sizes[1];
   Rows<scalar_t, out_t> r{static_cast<const scalar_t*>(ql_nope.const_data_ptr()),
                           static_cast<const scalar_t*>(q_pe.const_data_ptr()),
                           static_cast<out_t*>(q_out.mutable_data_ptr()),
-                          ql_nope.stride(0), ql_nope.stride(1), ql_nope.stride(2),
-                          q_pe.stride(0), q_pe.size(1) == 1 ? 0 : q_pe.stride(1), q_pe.stride(2),
-                          q_out.stride(0), q_out.stride(1), q_out.stride(2),
-                          ql_nope.size(2), q_pe.size(2), 0, false, copy_nope};
+                          nope.strides[0], nope.strides[1], nope.strides[2],
+                          pe.strides[0], pe.sizes[1] == 1 ? 0 : pe.strides[1], pe.strides[2],
+                          out.strides[0], out.strides[1], out.strides[2],
+                          nope.sizes[2], pe.sizes[2], 0, false, copy_nope};
   // Rows go in q_out's order (token-major) while the call's bytes fit in the cache, else in ql_nope's
   // memory order (it is most of the bytes read from memory): head-major for the decode layout, where
   // ql_nope is a transposed [heads, tokens, nope] bmm output.
-  const int64_t bytes = (ql_nope.numel() + q_pe.numel()) * int64_t{sizeof(scalar_t)} +
-                        q_out.numel() * int64_t{sizeof(out_t)};
+  const int64_t bytes = (nope.numel() + pe.numel()) * int64_t{sizeof(scalar_t)} + out.numel() * int64_t{sizeof(out_t)};
   r.heads_outer = heads > 1 && tokens > 1 && r.nope_s1 > r.nope_s0 && bytes >= cache_bytes();
   r.inner = r.heads_outer ? tokens : heads;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + r.rope_dim));
@@ -288,17 +300,18 @@ void rope_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& position
                bool is_neox, const Tensor& q_out, const std::optional<Tensor>& kv_c, const std::optional<Tensor>& k_pe,
                const std::optional<Tensor>& kv_cache, const std::optional<Tensor>& slot_mapping, bool copy_nope,
                const QOp& q_op, const KOp& k_op) {
-  const int64_t tokens = q_out.size(0), heads = q_out.size(1), rope_dim = q_pe.size(2);
+  const Shape nope(ql_nope), pe(q_pe), out(q_out);
+  const int64_t tokens = out.sizes[0], heads = out.sizes[1], rope_dim = pe.sizes[2];
   RopeRows<scalar_t, q_t, k_t> r{};
   r.nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
   r.pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
   r.positions = static_cast<const int64_t*>(positions.const_data_ptr());
   r.out = static_cast<q_t*>(q_out.mutable_data_ptr());
-  r.nope_s0 = ql_nope.stride(0), r.nope_s1 = ql_nope.stride(1), r.nope_s2 = ql_nope.stride(2);
-  r.pe_s0 = q_pe.stride(0), r.pe_s1 = q_pe.size(1) == 1 ? 0 : q_pe.stride(1), r.pe_s2 = q_pe.stride(2);
-  r.out_s0 = q_out.stride(0), r.out_s1 = q_out.stride(1), r.out_s2 = q_out.stride(2);
+  r.nope_s0 = nope.strides[0], r.nope_s1 = nope.strides[1], r.nope_s2 = nope.strides[2];
+  r.pe_s0 = pe.strides[0], r.pe_s1 = pe.sizes[1] == 1 ? 0 : pe.strides[1], r.pe_s2 = pe.strides[2];
+  r.out_s0 = out.strides[0], r.out_s1 = out.strides[1], r.out_s2 = out.strides[2];
   r.positions_s0 = positions.stride(0);
-  r.tokens = tokens, r.heads = heads, r.nope_dim = ql_nope.size(2), r.rope_dim = rope_dim;
+  r.tokens = tokens, r.heads = heads, r.nope_dim = nope.sizes[2], r.rope_dim = rope_dim;
   r.copy_nope = copy_nope;
   int64_t rows = tokens * heads;
   if (kv_cache) {
@@ -306,17 +319,18 @@ void rope_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& position
     r.k_pe = static_cast<const scalar_t*>(k_pe->const_data_ptr());
     r.slots = static_cast<const int64_t*>(slot_mapping->const_data_ptr());
     r.cache = static_cast<k_t*>(kv_cache->mutable_data_ptr());
-    r.kv_c_s0 = kv_c->stride(0), r.kv_c_s1 = kv_c->stride(1);
-    r.k_pe_s0 = k_pe->stride(0), r.k_pe_s1 = k_pe->stride(k_pe->dim() - 1);
-    r.cache_s0 = kv_cache->stride(0), r.cache_s1 = kv_cache->stride(1), r.cache_s2 = kv_cache->stride(2);
+    const Shape c(*kv_c), k(*k_pe), cache(*kv_cache);
+    r.kv_c_s0 = c.strides[0], r.kv_c_s1 = c.strides[1];
+    r.k_pe_s0 = k.strides[0], r.k_pe_s1 = k.strides.back();
+    r.cache_s0 = cache.strides[0], r.cache_s1 = cache.strides[1], r.cache_s2 = cache.strides[2];
     r.slots_s0 = slot_mapping->stride(0);
-    r.kv_dim = kv_c->size(1), r.block_size = kv_cache->size(1), r.num_slots = kv_cache->size(0) * kv_cache->size(1);
+    r.kv_dim = c.sizes[1], r.block_size = cache.sizes[1], r.num_slots = cache.sizes[0] * cache.sizes[1];
     rows += tokens;
   }
+  const Shape cache(cos_sin_cache);
   const Rotation<scalar_t> rotate{cos_sin_cache.const_data_ptr(),
                                   dtype_of(cos_sin_cache) == torch::headeronly::ScalarType::Float,
-                                  cos_sin_cache.stride(0), cos_sin_cache.stride(1), cos_sin_cache.size(0),
-                                  rope_dim / 2, is_neox};
+                                  cache.strides[0], cache.strides[1], cache.sizes[0], rope_dim / 2, is_neox};
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (r.nope_dim + rope_dim));
   parallel_rows(rows, grain, [&](int64_t begin, int64_t end) { run_rope_rows(r, rotate, q_op, k_op, begin, end); });
 }
@@ -338,9 +352,10 @@ float scale_value(const std::optional<Tensor>& scale) {
 
 void concat_mla_q_cpu(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
   const bool nope_in_place = check_concat_mla_q_args(ql_nope, q_pe, q_out);
-  if (q_out.numel() == 0) return;
+  const int64_t numel = q_out.numel();
+  if (numel == 0) return;
   VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_q", [&] {
-    const bool stream = q_out.numel() * int64_t{sizeof(scalar_t)} >= cache_bytes();
+    const bool stream = numel * int64_t{sizeof(scalar_t)} >= cache_bytes();
     concat_rows<scalar_t, scalar_t>(ql_nope, q_pe, q_out, CopyRow{stream}, !nope_in_place);
   });
 }
