@@ -142,25 +142,25 @@ __global__ void concat_mla_q_kernel(const scalar_t* __restrict__ nope, const sca
 }
 
 template <typename scalar_t, typename Convert, int N>
-void launch(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out, const typename Convert::Args& args,
-            bool copy_nope, cudaStream_t stream) {
-  const int64_t tokens = q_out.size(0), heads = q_out.size(1);
+void launch(const Layout& ql_nope, const Layout& q_pe, const Layout& q_out, void* q_out_data,
+            const typename Convert::Args& args, bool copy_nope, cudaStream_t stream) {
+  const int64_t tokens = q_out.sizes[0], heads = q_out.sizes[1];
   // Without the nope half (a bmm wrote it in place) the rows are the rope halves of q_out's rows.
-  const int64_t nope_dim = copy_nope ? ql_nope.size(2) : 0, skipped = ql_nope.size(2) - nope_dim;
-  const int64_t packs = (nope_dim + q_pe.size(2)) / N, total = tokens * heads * packs;
+  const int64_t nope_dim = copy_nope ? ql_nope.sizes[2] : 0, skipped = ql_nope.sizes[2] - nope_dim;
+  const int64_t packs = (nope_dim + q_pe.sizes[2]) / N, total = tokens * heads * packs;
   if (packs == 0) return;  // the nope half written in place and no rope half: nothing to write
-  const auto* nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
-  const auto* pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
-  auto* out = static_cast<typename Convert::out_t*>(q_out.mutable_data_ptr()) + skipped * q_out.stride(2);
+  const auto* nope = reinterpret_cast<const scalar_t*>(ql_nope.address);
+  const auto* pe = reinterpret_cast<const scalar_t*>(q_pe.address);
+  auto* out = static_cast<typename Convert::out_t*>(q_out_data) + skipped * q_out.strides[2];
   // The divisors are built only for the flat split's 32-bit index, the one launch that reads them.
   const auto geometry = [&](auto index, bool divides) {
     using Index = decltype(index);
     const auto divisor = [&](int64_t d) { return divides ? FastDivmod(static_cast<uint32_t>(d)) : FastDivmod(); };
     const auto I = [](int64_t v) { return static_cast<Index>(v); };
     return Geometry<Index>{I(total), I(packs), I(heads), divisor(packs), divisor(heads), I(nope_dim / N),
-                           I(ql_nope.stride(0)), I(ql_nope.stride(1)), I(q_pe.stride(0)),
-                           I(q_pe.size(1) == 1 ? 0 : q_pe.stride(1)), I(q_out.stride(0)), I(q_out.stride(1)),
-                           I(ql_nope.stride(2)), I(q_pe.stride(2)), I(q_out.stride(2))};
+                           I(ql_nope.strides[0]), I(ql_nope.strides[1]), I(q_pe.strides[0]),
+                           I(q_pe.sizes[1] == 1 ? 0 : q_pe.strides[1]), I(q_out.strides[0]), I(q_out.strides[1]),
+                           I(ql_nope.strides[2]), I(q_pe.strides[2]), I(q_out.strides[2])};
   };
   // Flat split: 256-thread blocks; several packs a thread from kWideFrom packs, where that still
   // leaves at least 1024 blocks (about eight 256-thread blocks per SM of a 132-SM H100/H200): the
@@ -239,17 +239,23 @@ void concat_rows(const Tensor& ql_nope, const Tensor& q_pe, const Tensor& q_out,
   void* stream = nullptr;
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(ql_nope.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
                   "could not get the current CUDA stream");
+  const Layout nope(ql_nope), pe(q_pe), out(q_out);
+  void* out_data = q_out.mutable_data_ptr();
   const auto packable = [&](int64_t n) {
-    return rows_split_into_packs(ql_nope, n) && rows_split_into_packs(q_pe, n) && rows_split_into_packs(q_out, n);
+    return rows_split_into_packs(nope, n) && rows_split_into_packs(pe, n) && rows_split_into_packs(out, n);
+  };
+  const auto run = [&](auto n) {
+    launch<scalar_t, Convert, decltype(n)::value>(nope, pe, out, out_data, args, copy_nope,
+                                                 static_cast<cudaStream_t>(stream));
   };
   if (packable(8)) {
-    launch<scalar_t, Convert, 8>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
+    run(std::integral_constant<int, 8>{});
   } else if (packable(4)) {
-    launch<scalar_t, Convert, 4>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
+    run(std::integral_constant<int, 4>{});
   } else if (packable(2)) {
-    launch<scalar_t, Convert, 2>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
+    run(std::integral_constant<int, 2>{});
   } else {
-    launch<scalar_t, Convert, 1>(ql_nope, q_pe, q_out, args, copy_nope, static_cast<cudaStream_t>(stream));
+    run(std::integral_constant<int, 1>{});
   }
 }
 

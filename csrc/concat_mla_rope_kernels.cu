@@ -303,15 +303,16 @@ void launch_rope(const RopeGeometry<scalar_t, Index>& g, const typename QConvert
   }
 }
 
-// The widest pack every row splits into: 8 elements (16 bytes of input) for the engines' layouts,
-// else one element, which handles any alignment and stride.
+// The wide pack: 8 elements, 16 bytes of input.
+constexpr int kWide = 8;
+
+// The widest pack every row splits into: kWide elements for the engines' layouts (`wide`: every row
+// of the tensors moved in packs splits into them), else one element, which handles any alignment
+// and stride.
 template <typename scalar_t, typename QConvert, typename KConvert, typename Index>
-void rope_rows(RopeGeometry<scalar_t, Index> g, const std::vector<const Tensor*>& packed, const Tensor& cos_sin_cache,
-               bool is_neox, const typename QConvert::Args& q_args, const typename KConvert::Args& k_args,
-               cudaStream_t stream) {
-  constexpr int kWide = 8;
-  bool wide = (is_neox ? g.half : 2 * g.half) % kWide == 0;
-  for (const Tensor* t : packed) wide = wide && rows_split_into_packs(*t, kWide);
+void rope_rows(RopeGeometry<scalar_t, Index> g, bool wide, const Layout& cos_sin_cache, bool is_neox,
+               const typename QConvert::Args& q_args, const typename KConvert::Args& k_args, cudaStream_t stream) {
+  wide = wide && (is_neox ? g.half : 2 * g.half) % kWide == 0;
   const auto run = [&](auto n) {
     constexpr int N = decltype(n)::value;
     constexpr int kPairs = N > 1 ? N / 2 : 1;
@@ -319,9 +320,9 @@ void rope_rows(RopeGeometry<scalar_t, Index> g, const std::vector<const Tensor*>
     g.kv_units /= N;
     g.rope_units = is_neox ? g.half / N : g.half / kPairs;
     const int pairs = is_neox ? N : kPairs;
-    g.cos_sin_vector = g.cos_sin_is_float && pairs % 4 == 0 && g.half % 4 == 0 && cos_sin_cache.stride(1) == 1 &&
-                       (cos_sin_cache.size(0) == 1 || cos_sin_cache.stride(0) % 4 == 0) &&
-                       reinterpret_cast<uintptr_t>(cos_sin_cache.const_data_ptr()) % 16 == 0;
+    g.cos_sin_vector = g.cos_sin_is_float && pairs % 4 == 0 && g.half % 4 == 0 && cos_sin_cache.strides[1] == 1 &&
+                       (cos_sin_cache.sizes[0] == 1 || cos_sin_cache.strides[0] % 4 == 0) &&
+                       cos_sin_cache.address % 16 == 0;
     if (is_neox) {
       launch_rope<scalar_t, QConvert, KConvert, N, true>(g, q_args, k_args, stream);
     } else {
@@ -370,58 +371,63 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
     check_rope_indices(op, host_indices(positions, stream), cos_sin_cache.size(0), host_indices(slot_mapping, stream),
                        has_k ? kv_cache->size(0) * kv_cache->size(1) : 0);
   }
-  const int64_t tokens = q_out.size(0);
+  // Each tensor's layout read once (an absent K side's never).
+  const Layout nope(ql_nope), pe(q_pe), pos(positions), cs(cos_sin_cache), out(q_out);
+  const int64_t tokens = out.sizes[0];
   if (tokens == 0) return;
+  std::optional<Layout> kv, kpe, cache, slots;
+  if (has_k) kv.emplace(*kv_c), kpe.emplace(*k_pe), cache.emplace(*kv_cache), slots.emplace(*slot_mapping);
   // 32-bit offsets when the last element of every tensor is below 2^32 elements from its base
   // (strides are never negative, so every partial offset is below it too).
-  std::vector<const Tensor*> all{&ql_nope, &q_pe, &positions, &cos_sin_cache, &q_out};
-  std::vector<const Tensor*> packed{&ql_nope, &q_pe, &q_out};
+  bool narrow = tokens < (int64_t{1} << 31), wide = true;
+  const auto fits = [&](const Layout& l) { narrow = narrow && last_offset(l) < (int64_t{1} << 32); };
+  const auto packs = [&](const Layout& l) { wide = wide && rows_split_into_packs(l, kWide); };
+  for (const Layout* l : {&nope, &pe, &out}) fits(*l), packs(*l);
+  fits(pos), fits(cs);
   if (has_k) {
-    all.insert(all.end(), {&*kv_c, &*k_pe, &*kv_cache, &*slot_mapping});
-    packed.insert(packed.end(), {&*kv_c, &*k_pe, &*kv_cache});
+    for (const Layout* l : {&*kv, &*kpe, &*cache}) fits(*l), packs(*l);
+    fits(*slots);
   }
-  bool narrow = tokens < (int64_t{1} << 31);
-  for (const Tensor* t : all) narrow = narrow && last_offset(*t) < (int64_t{1} << 32);
   VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
     const auto run = [&](auto index) {
       using Index = decltype(index);
       RopeGeometry<scalar_t, Index> g{};
-      g.nope = static_cast<const scalar_t*>(ql_nope.const_data_ptr());
-      g.pe = static_cast<const scalar_t*>(q_pe.const_data_ptr());
-      g.cos_sin = cos_sin_cache.const_data_ptr();
-      g.positions = static_cast<const int64_t*>(positions.const_data_ptr());
+      g.nope = reinterpret_cast<const scalar_t*>(nope.address);
+      g.pe = reinterpret_cast<const scalar_t*>(pe.address);
+      g.cos_sin = reinterpret_cast<const void*>(cs.address);
+      g.positions = reinterpret_cast<const int64_t*>(pos.address);
       g.out = q_out.mutable_data_ptr();
-      g.nope_s0 = ql_nope.stride(0), g.nope_s1 = ql_nope.stride(1), g.nope_s2 = ql_nope.stride(2);
-      g.pe_s0 = q_pe.stride(0), g.pe_s1 = q_pe.size(1) == 1 ? 0 : q_pe.stride(1), g.pe_s2 = q_pe.stride(2);
-      g.out_s0 = q_out.stride(0), g.out_s1 = q_out.stride(1), g.out_s2 = q_out.stride(2);
-      g.cos_sin_s0 = cos_sin_cache.stride(0), g.cos_sin_s1 = cos_sin_cache.stride(1);
-      g.positions_s0 = positions.stride(0);
-      g.tokens = tokens, g.max_position = cos_sin_cache.size(0);
-      g.heads = static_cast<int32_t>(q_out.size(1)), g.nope_dim = static_cast<int32_t>(ql_nope.size(2));
-      g.half = static_cast<int32_t>(q_pe.size(2) / 2);
+      g.nope_s0 = nope.strides[0], g.nope_s1 = nope.strides[1], g.nope_s2 = nope.strides[2];
+      g.pe_s0 = pe.strides[0], g.pe_s1 = pe.sizes[1] == 1 ? 0 : pe.strides[1], g.pe_s2 = pe.strides[2];
+      g.out_s0 = out.strides[0], g.out_s1 = out.strides[1], g.out_s2 = out.strides[2];
+      g.cos_sin_s0 = cs.strides[0], g.cos_sin_s1 = cs.strides[1];
+      g.positions_s0 = pos.strides[0];
+      g.tokens = tokens, g.max_position = cs.sizes[0];
+      g.heads = static_cast<int32_t>(out.sizes[1]), g.nope_dim = static_cast<int32_t>(nope.sizes[2]);
+      g.half = static_cast<int32_t>(pe.sizes[2] / 2);
       g.nope_units = nope_in_place ? 0 : g.nope_dim;  // elements here; packs once the width is chosen
       g.cos_sin_is_float = cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float;
       if (has_k) {
         g.has_k = true;
-        g.kv_c = static_cast<const scalar_t*>(kv_c->const_data_ptr());
-        g.k_pe = static_cast<const scalar_t*>(k_pe->const_data_ptr());
-        g.slots = static_cast<const int64_t*>(slot_mapping->const_data_ptr());
+        g.kv_c = reinterpret_cast<const scalar_t*>(kv->address);
+        g.k_pe = reinterpret_cast<const scalar_t*>(kpe->address);
+        g.slots = reinterpret_cast<const int64_t*>(slots->address);
         g.cache = kv_cache->mutable_data_ptr();
-        g.kv_c_s0 = kv_c->stride(0), g.kv_c_s1 = kv_c->stride(1);
-        g.k_pe_s0 = k_pe->stride(0), g.k_pe_s1 = k_pe->stride(k_pe->dim() - 1);
-        g.cache_s0 = kv_cache->stride(0), g.cache_s1 = kv_cache->stride(1), g.cache_s2 = kv_cache->stride(2);
-        g.slots_s0 = slot_mapping->stride(0);
-        g.num_slots = kv_cache->size(0) * kv_cache->size(1), g.block_size = kv_cache->size(1);
-        g.kv_dim = static_cast<int32_t>(kv_c->size(1)), g.kv_units = g.kv_dim;
+        g.kv_c_s0 = kv->strides[0], g.kv_c_s1 = kv->strides[1];
+        g.k_pe_s0 = kpe->strides[0], g.k_pe_s1 = kpe->strides[kpe->strides.size() - 1];
+        g.cache_s0 = cache->strides[0], g.cache_s1 = cache->strides[1], g.cache_s2 = cache->strides[2];
+        g.slots_s0 = slots->strides[0];
+        g.num_slots = cache->sizes[0] * cache->sizes[1], g.block_size = cache->sizes[1];
+        g.kv_dim = static_cast<int32_t>(kv->sizes[1]), g.kv_units = g.kv_dim;
       }
       const ScaleArgs q_args{q_scale ? static_cast<const float*>(q_scale->const_data_ptr()) : nullptr};
       const ScaleArgs k_args{k_scale ? static_cast<const float*>(k_scale->const_data_ptr()) : nullptr};
       const auto with_k = [&](auto q_convert, const auto& qa) {
         using Q = typename decltype(q_convert)::type;
         if (k_scale) {
-          rope_rows<scalar_t, Q, DivideE4M3<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, k_args, stream);
+          rope_rows<scalar_t, Q, DivideE4M3<scalar_t>>(g, wide, cs, is_neox, qa, k_args, stream);
         } else {
-          rope_rows<scalar_t, Q, Copy<scalar_t>>(g, packed, cos_sin_cache, is_neox, qa, NoArgs{}, stream);
+          rope_rows<scalar_t, Q, Copy<scalar_t>>(g, wide, cs, is_neox, qa, NoArgs{}, stream);
         }
       };
       if (q_scale) {
