@@ -292,8 +292,8 @@ void check_inference_only(const char* op, std::initializer_list<OpArg> args) {
   if (!aoti_torch_grad_mode_is_enabled()) return;
   // The stable ABI reads neither requires_grad nor is_inference nor bumps a version, so a Python
   // kernel does (vllm_mla_ops/_library.py): it returns the index of the first tensor that requires
-  // grad and of the first written inference tensor (-1 for none), and bumps the written tensors'
-  // versions when both are -1.
+  // grad, else that of the first written inference tensor (-1 for none), and bumps the written
+  // tensors' versions when both are -1.
   std::vector<std::optional<Tensor>> tensors;
   int64_t written = 0;
   for (const OpArg& arg : args) {

@@ -218,16 +218,24 @@ def _concat_mla_rope_fake(ql_nope, q_pe, positions, cos_sin_cache, is_neox, q_ou
 @torch.library.impl("_C::_grad_mode_guard", "CompositeImplicitAutograd", lib=_LIBRARY)
 def _grad_mode_guard(tensors: list[torch.Tensor | None], written: int) -> tuple[int, int]:
     """The inference-only contract in grad mode, for the C++ validator (check_inference_only in
-    csrc/ops.h), which words the errors: the index of the first tensor that requires grad and of the
-    first written inference tensor (torch forbids writing one outside inference mode), -1 for none.
-    When both are -1, the written tensors' versions are bumped, as torch's in-place ops do, so that
-    autograd sees the write."""
-    requires_grad = next((i for i, t in enumerate(tensors) if t is not None and t.requires_grad), -1)
-    outputs = [(i, t) for i, t in enumerate(tensors) if written >> i & 1 and t is not None]
-    inference = next((i for i, t in outputs if t.is_inference()), -1)
-    if requires_grad < 0 and inference < 0:
-        torch._C._increment_version([t for _, t in outputs])
-    return requires_grad, inference
+    csrc/ops.h), which words the errors: (i, -1) for the first tensor i that requires grad, else
+    (-1, j) for the first written inference tensor j (torch forbids writing one outside inference
+    mode), else (-1, -1) once the written tensors' versions are bumped, as torch's in-place ops do,
+    so that autograd sees the write. Loops that return at their first find, not generators: this
+    runs in every grad-mode call."""
+    outputs = []
+    for i, t in enumerate(tensors):
+        if t is not None:
+            if t.requires_grad:
+                return i, -1
+            if written >> i & 1:
+                outputs.append(i)
+    for i in outputs:
+        if tensors[i].is_inference():
+            return -1, i
+    # A list, always: given one tensor, _increment_version iterates it as a sequence of rows.
+    torch._C._increment_version([tensors[i] for i in outputs])
+    return -1, -1
 
 
 def _register(name: str) -> None:
