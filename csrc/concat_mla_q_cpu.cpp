@@ -64,18 +64,6 @@ int64_t cache_bytes() {
   return bytes;
 }
 
-// A tensor's sizes and strides, read with one call into torch each (size(d) and stride(d) are a
-// call a dim); views of the tensor's own arrays.
-struct Shape {
-  torch::headeronly::IntHeaderOnlyArrayRef sizes, strides;
-  explicit Shape(const Tensor& t) : sizes(t.sizes()), strides(t.strides()) {}
-  int64_t numel() const {
-    int64_t n = 1;
-    for (const int64_t size : sizes) n *= size;
-    return n;
-  }
-};
-
 struct CopyRow {
   bool stream;  // unit-stride rows with 16-byte streaming stores
   template <typename scalar_t>

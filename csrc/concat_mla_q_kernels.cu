@@ -263,7 +263,7 @@ void concat_mla_q_cuda(Tensor ql_nope, Tensor q_pe, Tensor q_out) {
   const bool nope_in_place = check_concat_mla_q_args(ql_nope, q_pe, q_out);
   if (q_out.numel() == 0) return;
   const DeviceIfNeeded device_guard(ql_nope.get_device_index());
-  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q", [&] {
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_q", [&] {
     concat_rows<scalar_t, Copy<scalar_t>>(ql_nope, q_pe, q_out, NoArgs{}, !nope_in_place);
   });
 }
@@ -272,7 +272,7 @@ void concat_mla_q_fp8_cuda(Tensor ql_nope, Tensor q_pe, Tensor q_out, Tensor sca
   check_concat_mla_q_args(ql_nope, q_pe, q_out, scale);
   if (q_out.numel() == 0) return;
   const DeviceIfNeeded device_guard(ql_nope.get_device_index());
-  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_q_fp8", [&] {
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_q_fp8", [&] {
     concat_rows<scalar_t, QuantizeE4M3<scalar_t>>(ql_nope, q_pe, q_out,
                                                    ScaleArgs{static_cast<const float*>(scale.const_data_ptr())});
   });

@@ -388,7 +388,7 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
     for (const Layout* l : {&*kv, &*kpe, &*cache}) fits(*l), packs(*l);
     fits(*slots);
   }
-  VLLM_DISPATCH_HALF_TYPES(ql_nope.scalar_type(), "concat_mla_rope", [&] {
+  VLLM_DISPATCH_HALF_TYPES(dtype_of(ql_nope), "concat_mla_rope", [&] {
     const auto run = [&](auto index) {
       using Index = decltype(index);
       RopeGeometry<scalar_t, Index> g{};
@@ -406,7 +406,7 @@ void concat_mla_rope_cuda(Tensor ql_nope, Tensor q_pe, Tensor positions, Tensor 
       g.heads = static_cast<int32_t>(out.sizes[1]), g.nope_dim = static_cast<int32_t>(nope.sizes[2]);
       g.half = static_cast<int32_t>(pe.sizes[2] / 2);
       g.nope_units = nope_in_place ? 0 : g.nope_dim;  // elements here; packs once the width is chosen
-      g.cos_sin_is_float = cos_sin_cache.scalar_type() == torch::headeronly::ScalarType::Float;
+      g.cos_sin_is_float = dtype_of(cos_sin_cache) == torch::headeronly::ScalarType::Float;
       if (has_k) {
         g.has_k = true;
         g.kv_c = reinterpret_cast<const scalar_t*>(kv->address);

@@ -18,6 +18,18 @@ struct OpArg {
   bool written;
 };
 
+// A tensor's sizes and strides, read with one call into torch each (size(d) and stride(d) are a
+// call a dim); views of the tensor's own arrays, valid while the tensor lives.
+struct Shape {
+  torch::headeronly::IntHeaderOnlyArrayRef sizes, strides;
+  explicit Shape(const Tensor& t) : sizes(t.sizes()), strides(t.strides()) {}
+  int64_t numel() const {
+    int64_t n = 1;
+    for (const int64_t size : sizes) n *= size;
+    return n;
+  }
+};
+
 // t.scalar_type() without its chain of calls into torch (one a dtype, in a fixed order, to map
 // torch's dtype code) for the dtypes the ops take.
 torch::headeronly::ScalarType dtype_of(const Tensor& t);

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <optional>
 
+#include "ops.h"
+
 namespace vllm_mla_ops {
 
 // N elements moved by one access, as a native vector type of their size, loaded with __ldg and
@@ -106,18 +108,14 @@ struct DivideE4M3 {
   }
 };
 
-// What the launch code reads of a tensor's layout, fetched once: every accessor of the stable ABI
-// is a call into torch, and a launch reads the same sizes and strides several times (the
-// concat_mla_rope launch made about 170 such calls, now about 60).
-struct Layout {
-  torch::headeronly::IntHeaderOnlyArrayRef sizes, strides;  // borrowed: the tensor outlives the call
+// What the launch code reads of a tensor, fetched once: every accessor of the stable ABI is a call
+// into torch, and a launch reads the same sizes and strides several times (the concat_mla_rope
+// launch made about 170 such calls, now about 60).
+struct Layout : Shape {
   uintptr_t address;
   int64_t element_size;
   explicit Layout(const torch::stable::Tensor& t)
-      : sizes(t.sizes()),
-        strides(t.strides()),
-        address(reinterpret_cast<uintptr_t>(t.const_data_ptr())),
-        element_size(static_cast<int64_t>(t.element_size())) {}
+      : Shape(t), address(reinterpret_cast<uintptr_t>(t.const_data_ptr())), element_size(static_cast<int64_t>(t.element_size())) {}
 };
 
 // Whether every row (the last dim) of t splits into aligned packs of n > 1 elements: the width
