@@ -50,11 +50,26 @@ struct Copy {
   }
 };
 
+// n floats to e4m3fn, rounded to nearest even, two a conversion instruction. The saturating
+// conversion (satfinite) maps |v| > 448 and +-inf to +-448 and NaN to NaN, which is what
+// clamp(-448, 448) followed by a cast does.
+template <int n>
+__device__ Pack<__nv_fp8_storage_t, n> to_e4m3(const float (&v)[n]) {
+  __nv_fp8_storage_t q[n];
+#pragma unroll
+  for (int i = 0; i + 1 < n; i += 2) {
+    const __nv_fp8x2_storage_t q2 = __nv_cvt_float2_to_fp8x2(float2{v[i], v[i + 1]}, __NV_SATFINITE, __NV_E4M3);
+    memcpy(q + i, &q2, sizeof(q2));
+  }
+  if constexpr (n % 2 == 1) q[n - 1] = __nv_cvt_float_to_fp8(v[n - 1], __NV_SATFINITE, __NV_E4M3);
+  Pack<__nv_fp8_storage_t, n> out;
+  memcpy(&out, q, sizeof(out));
+  return out;
+}
+
 // concat_mla_q_fp8: e4m3fn(x * r) with r = 1 / scale correctly rounded (read on the device, so a
-// graph replay sees the scale of the moment), x * r in float32, rounded to nearest even. The
-// saturating conversion (satfinite) maps |x * r| > 448 and +-inf to +-448 and NaN to NaN, which
-// is what clamp(-448, 448) followed by a cast does. Four packs a thread on large outputs, where
-// the conversion's instructions would otherwise leave too few loads in flight.
+// graph replay sees the scale of the moment), x * r in float32. Four packs a thread on large
+// outputs, where the conversion's instructions would otherwise leave too few loads in flight.
 template <typename scalar_t>
 struct QuantizeE4M3 {
   using out_t = __nv_fp8_storage_t;
@@ -67,44 +82,47 @@ struct QuantizeE4M3 {
   __device__ Pack<out_t, sizeof(P) / sizeof(scalar_t)> operator()(const P& pack) const {
     constexpr int n = sizeof(P) / sizeof(scalar_t);
     scalar_t x[n];
-    out_t q[n];
     memcpy(x, &pack, sizeof(P));
+    float v[n];
 #pragma unroll
-    for (int i = 0; i + 1 < n; i += 2) {
-      const float2 pair{static_cast<float>(x[i]) * r, static_cast<float>(x[i + 1]) * r};
-      const __nv_fp8x2_storage_t q2 = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
-      memcpy(q + i, &q2, sizeof(q2));
-    }
-    if constexpr (n % 2 == 1) {
-      q[n - 1] = __nv_cvt_float_to_fp8(static_cast<float>(x[n - 1]) * r, __NV_SATFINITE, __NV_E4M3);
-    }
-    Pack<out_t, n> out;
-    memcpy(&out, q, sizeof(out));
-    return out;
+    for (int i = 0; i < n; ++i) v[i] = static_cast<float>(x[i]) * r;
+    return to_e4m3(v);
   }
 };
 
-// concat_mla_rope's fp8 KV cache: e4m3fn(x / scale), saturating, as vLLM's fp8 cache is written (a
-// division, where the query's quantization multiplies by the reciprocal).
+// concat_mla_rope's fp8 KV cache: e4m3fn(x / scale), as vLLM's fp8 cache is written (a division,
+// where the query's quantization multiplies by the reciprocal). The quotient is IEEE division's
+// without a division an element (nvcc's is a reciprocal, its refinement and a check that may call
+// a slow path, each in turn): q = x * r with r = 1 / scale correctly rounded, made once a thread,
+// then q + (x - q * scale) * r in two fused multiply-adds, which is x / scale correctly rounded
+// (Markstein's theorem) when no step underflows or overflows: so for |scale| in [2^-64, 2^64] and
+// |q| in [2^-24, 2^24]. Outside the second range q is kept, as its e4m3fn value is the quotient's
+// (+-0 below, +-448 above, NaN); outside the first every element is divided.
 template <typename scalar_t>
 struct DivideE4M3 {
   using out_t = __nv_fp8_storage_t;
   using Args = ScaleArgs;
-  float scale;
-  __device__ explicit DivideE4M3(Args args) : scale(*args.scale) {}
+  float scale, r;
+  bool by_reciprocal;
+  __device__ explicit DivideE4M3(Args args)
+      : scale(*args.scale), r(1.0f / scale), by_reciprocal(fabsf(scale) >= 0x1p-64f && fabsf(scale) <= 0x1p64f) {}
   template <typename P>
   __device__ Pack<out_t, sizeof(P) / sizeof(scalar_t)> operator()(const P& pack) const {
     constexpr int n = sizeof(P) / sizeof(scalar_t);
     scalar_t x[n];
-    out_t q[n];
     memcpy(x, &pack, sizeof(P));
+    float v[n];
+    if (by_reciprocal) {
 #pragma unroll
-    for (int i = 0; i < n; ++i) {
-      q[i] = __nv_cvt_float_to_fp8(__fdiv_rn(static_cast<float>(x[i]), scale), __NV_SATFINITE, __NV_E4M3);
+      for (int i = 0; i < n; ++i) {
+        const float xi = static_cast<float>(x[i]), q = __fmul_rn(xi, r), m = fabsf(q);
+        v[i] = m >= 0x1p-24f && m <= 0x1p24f ? __fmaf_rn(__fmaf_rn(-q, scale, xi), r, q) : q;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < n; ++i) v[i] = __fdiv_rn(static_cast<float>(x[i]), scale);
     }
-    Pack<out_t, n> out;
-    memcpy(&out, q, sizeof(out));
-    return out;
+    return to_e4m3(v);
   }
 };
 

@@ -28,6 +28,7 @@ from vllm_mla_ops.testing import (
     assert_fp8_equal,
     bits,
     engine_inputs,
+    quantize_kv_fp8,
     random_bits,
     reference_rope,
     shifted,
@@ -138,6 +139,44 @@ def test_layouts_match_reference(device, is_neox, case):
     args = _inputs(device, **case)
     args["is_neox"] = is_neox
     _assert_writes_reference(args)
+
+
+# Scales at which x * (1 / scale) rounds to another e4m3fn value than x / scale for some bf16 or
+# fp16 x (found by search; about one scale in 8,000 for bf16, one in 4,000 for fp16): dividing by the
+# reciprocal alone fails at them.
+RECIPROCAL_FAILS_AT = [-35735468.0, 8.458599864979988e-08, -772083482624.0, -4.6527837138654604e-11,
+                       5.646551609039307, -28.261903762817383, -0.00041279042488895357]
+
+
+def _division_scales() -> list[float]:
+    """RECIPROCAL_FAILS_AT; the ends of the range the CUDA kernel divides through the reciprocal in
+    (2^-64 and 2^64, one float32 step to either side); zeros, infinities, NaN, a subnormal scale, one
+    whose reciprocal is subnormal, and plain ones."""
+    edges = torch.tensor([2.0 ** -64, 2.0 ** 64])
+    steps = [torch.nextafter(edges, torch.zeros(2)), edges, torch.nextafter(edges, torch.full((2,), float("inf")))]
+    return RECIPROCAL_FAILS_AT + torch.cat(steps).tolist() + [
+        0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, 2.0 ** 127, 0.29, 1.0, -1.0, 448.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_fp8_cache_division_is_exact_for_every_input_bit_pattern(device, dtype):
+    """kv_c holds every 16-bit pattern of the dtype once; for each scale of _division_scales the
+    cache rows equal quantize_kv_fp8 (IEEE division, then the saturating cast; a NaN of either sign
+    for NaN). That x * (1 / scale) differs from it at some RECIPROCAL_FAILS_AT scale is checked too,
+    so a kernel that left out the division's correction would fail here."""
+    args = _inputs(device, dtype=dtype, tokens=128, heads=1, nope_dim=8, k_side="fp8", block_size=64)
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(128, 512)
+    bits(args["kv_c"]).copy_(patterns)
+    x = patterns.view(dtype).float()
+    reciprocal_fails = False
+    for scale in _division_scales():
+        args["k_scale"].fill_(scale)
+        _assert_writes_reference(args)
+        if scale in RECIPROCAL_FAILS_AT:
+            s = torch.tensor([scale])
+            by_reciprocal, divided = bits((x * s.reciprocal()).clamp(-448, 448).to(FP8)), bits(quantize_kv_fp8(x, s))
+            reciprocal_fails |= bool(((by_reciprocal != divided) & (divided & 0x7F != 0x7F)).any())
+    assert reciprocal_fails
 
 
 @pytest.mark.large
