@@ -78,15 +78,6 @@ __device__ void needed_here(const T& value) {
   }
 }
 
-// The conversion, made here: its loads and arithmetic (fp8: the scale's load and reciprocal) in flight
-// with the data's loads, not sunk under a store's condition behind the slot's round trip.
-template <typename Convert>
-__device__ Convert made_here(const typename Convert::Args& args) {
-  const Convert convert(args);
-  if constexpr (!std::is_empty_v<Convert>) needed_here(convert);
-  return convert;
-}
-
 // (a, b) rounded to scalar_t, a in the low half: one conversion instruction for the pair.
 template <typename scalar_t>
 __device__ uint32_t round_pair(float a, float b) {
@@ -163,7 +154,7 @@ __device__ void rope_unit(const RopeGeometry<scalar_t, Index>& g, const scalar_t
   }
   float c[kPairs], s[kPairs];
   load_cos_sin(g, __ldg(position), i0, c, s);
-  const auto convert = made_here<Convert>(args);
+  const Convert convert(args);
   const Index ya = (kNeox ? i0 : 2 * i0) * (N > 1 ? 1 : y_s), yb = (kNeox ? i0 + g.half : 2 * i0 + 1) * (N > 1 ? 1 : y_s);
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
@@ -255,9 +246,8 @@ __global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t, Index> g, co
       if (u < g.kv_units) {
         scalar_t v[N];
         load(v, g.kv_c + t * g.kv_c_s0 + at(Index(u) * N, g.kv_c_s1));
-        const auto convert = made_here<KConvert>(k_args);
         needed_here(v);
-        if (Out* row = cache_row()) store(row + at(Index(u) * N, g.cache_s2), v, convert);
+        if (Out* row = cache_row()) store(row + at(Index(u) * N, g.cache_s2), v, KConvert(k_args));
       } else {
         const scalar_t* const x[1] = {g.k_pe + t * g.k_pe_s0};
         const auto rope_half = [&](int) {
