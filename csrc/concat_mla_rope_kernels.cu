@@ -246,12 +246,8 @@ __global__ void concat_mla_rope_kernel(const RopeGeometry<scalar_t, Index> g, co
       if (u < g.kv_units) {
         scalar_t v[N];
         load(v, g.kv_c + t * g.kv_c_s0 + at(Index(u) * N, g.kv_c_s1));
-        // The conversion made here too (fp8: the scale's load and reciprocal), or nvcc sinks it with
-        // the row's load under the store's condition, behind the slot.
-        const KConvert convert(k_args);
         needed_here(v);
-        if constexpr (!std::is_empty_v<KConvert>) needed_here(convert);
-        if (Out* row = cache_row()) store(row + at(Index(u) * N, g.cache_s2), v, convert);
+        if (Out* row = cache_row()) store(row + at(Index(u) * N, g.cache_s2), v, KConvert(k_args));
       } else {
         const scalar_t* const x[1] = {g.k_pe + t * g.k_pe_s0};
         const auto rope_half = [&](int) {
