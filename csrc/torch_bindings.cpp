@@ -1,6 +1,7 @@
 // Schema and CPU kernel registrations of every op, plus the Python module entry point. The CUDA
-// kernels register themselves at the end of csrc/concat_mla_q_kernels.cu, in a library of their own. Built on torch's
-// stable ABI only, so one library file serves every torch from the floor it targets up.
+// kernels register themselves at the end of their files (csrc/concat_mla_q_kernels.cu,
+// csrc/concat_mla_rope_kernels.cu), in a library of their own. Built on torch's stable ABI only, so
+// one library file serves every torch from the floor it targets up.
 //
 // A fragment, not a full library: another extension (vLLM's own _C, for one) may already own the _C
 // namespace in this process, and a fragment adds to it instead of claiming it. The fakes, the
