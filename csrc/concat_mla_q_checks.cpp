@@ -73,16 +73,29 @@ std::string list(const Ints& values) {
   return text + "]";
 }
 
-// The element size of the dtypes the ops take, without a call into torch; 0 for the others.
+// The dtypes the ops take: torch's code for each (read once from the shim), and its element size.
+struct KnownDtype {
+  int32_t code;
+  ScalarType type;
+  int64_t element_size;
+};
+const std::array<KnownDtype, 5>& known_dtypes() {
+  static const std::array<KnownDtype, 5> dtypes{{
+      {aoti_torch_dtype_bfloat16(), ScalarType::BFloat16, 2},
+      {aoti_torch_dtype_float16(), ScalarType::Half, 2},
+      {aoti_torch_dtype_float8_e4m3fn(), ScalarType::Float8_e4m3fn, 1},
+      {aoti_torch_dtype_float32(), ScalarType::Float, 4},
+      {aoti_torch_dtype_int64(), ScalarType::Long, 8},
+  }};
+  return dtypes;
+}
+
+// The element size of a dtype the ops take, without a call into torch; 0 for the others.
 int64_t known_element_size(ScalarType t) {
-  switch (t) {
-    case ScalarType::Half:
-    case ScalarType::BFloat16: return 2;
-    case ScalarType::Float: return 4;
-    case ScalarType::Long: return 8;
-    case ScalarType::Float8_e4m3fn: return 1;
-    default: return 0;
+  for (const KnownDtype& d : known_dtypes()) {
+    if (d.type == t) return d.element_size;
   }
+  return 0;
 }
 
 // What the checks read of a tensor, fetched once: each accessor of the stable ABI is a call into
@@ -270,18 +283,10 @@ bool check_args(const char* op, const Tensor& ql_nope_t, const Tensor& q_pe_t, c
 }  // namespace
 
 ScalarType dtype_of(const Tensor& t) {
-  // Read once: the shim's codes of the dtypes the ops take.
-  static const std::array<std::pair<int32_t, ScalarType>, 5> codes{{
-      {aoti_torch_dtype_bfloat16(), ScalarType::BFloat16},
-      {aoti_torch_dtype_float16(), ScalarType::Half},
-      {aoti_torch_dtype_float8_e4m3fn(), ScalarType::Float8_e4m3fn},
-      {aoti_torch_dtype_float32(), ScalarType::Float},
-      {aoti_torch_dtype_int64(), ScalarType::Long},
-  }};
   int32_t code = 0;
   if (aoti_torch_get_dtype(t.get(), &code) == AOTI_TORCH_SUCCESS) {
-    for (const auto& [known, type] : codes) {
-      if (code == known) return type;
+    for (const KnownDtype& d : known_dtypes()) {
+      if (d.code == code) return d.type;
     }
   }
   return t.scalar_type();
